@@ -330,6 +330,8 @@ class LlamaCppChat(BaseChatModel):
                 model_path=str(self.model_path),
                 n_ctx=self.n_ctx,
                 n_threads=self.n_threads,
+                # llama.cpp otherwise uses every CPU for prompt processing; respect the budget.
+                n_threads_batch=self.n_threads,
                 verbose=False,
             )
         return self._llama

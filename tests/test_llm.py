@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -247,6 +248,18 @@ def test_local_honors_max_tokens_and_stop(local_model):
     assert short.usage_metadata["output_tokens"] <= 3
     stopped = local_model.invoke(QUESTION, stop=["9"])
     assert "9" not in stopped.content
+
+
+def test_local_abandoned_stream_releases_lock(local_model):
+    stream = local_model.stream(QUESTION)
+    next(stream)
+    del stream  # consumer walks away mid-answer; the lock must not stay held
+    result = []
+    worker = threading.Thread(target=lambda: result.append(local_model.invoke(QUESTION)))
+    worker.start()
+    worker.join(timeout=60)
+    assert not worker.is_alive(), "deadlock: lock still held by the abandoned stream"
+    assert "90" in result[0].content
 
 
 def test_local_concurrent_calls_are_serialised(local_model):

@@ -1,0 +1,89 @@
+"""``rag ask`` and ``rag chat``: answers with numbered, verified sources."""
+from __future__ import annotations
+
+import json
+import sys
+
+
+def _answerer(args):
+    from rag.answer import Answerer
+    from rag.cli import _settings
+
+    settings = _settings(args)
+    if args.llm:
+        settings.llm_backend = args.llm
+    return Answerer(settings)
+
+
+def _print_result(result) -> None:
+    if result.notice:
+        print(f"\n注意 notice: {result.notice}", file=sys.stderr)
+    if result.refused:
+        print("\n最接近的段落 closest passages:")
+        for p in result.passages[:3]:
+            print(f"  [{p['number']}] {p['title'] or p['doc_id']} {p['section']}\n      {p['text'][:120]}…")
+        return
+    if result.unsupported_sentences:
+        print(f"\n⚠ {result.unsupported_sentences} 句没有找到资料支持 / sentence(s) not supported by the passages")
+    if result.citations:
+        print("\n来源 sources:")
+        print(result.sources_text())
+
+
+def _run(answerer, question: str, history, backend: str, as_json: bool):
+    result = None
+    streamed = ""
+    for event in answerer.stream(question, history, backend):
+        if event["type"] == "token" and not as_json:
+            print(event["text"], end="", flush=True)
+            streamed += event["text"]
+        elif event["type"] == "final":
+            result = event["result"]
+    if as_json:
+        print(json.dumps(result.to_dict(), ensure_ascii=False, indent=2))
+        return result
+    if streamed:
+        print()
+    if result.refused and streamed.strip() != result.answer:
+        print(result.answer)
+    elif not result.refused and streamed.strip() != result.answer:
+        # Citations were re-pointed or dropped by the verifier: show the corrected text.
+        print(f"\n核对后的回答 verified answer:\n{result.answer}")
+    _print_result(result)
+    return result
+
+
+def cmd_ask(args) -> int:
+    answerer = _answerer(args)
+    result = _run(answerer, args.question, [], answerer.settings.llm_backend, args.json)
+    return 0 if result is not None else 1
+
+
+def cmd_chat(args) -> int:
+    answerer = _answerer(args)
+    backend = answerer.settings.llm_backend
+    history: list[dict] = []
+    print(f"知识库 {answerer.settings.kb} · 模型 {backend} · 输入问题，空行或 Ctrl-D 退出 / empty line to quit")
+    while True:
+        try:
+            question = input("\n问> ").strip()
+        except EOFError:
+            print()
+            return 0
+        if not question:
+            return 0
+        result = _run(answerer, question, history, backend, False)
+        if result.query != question:
+            print(f"\n(检索用的问题 rewritten query: {result.query})")
+        history += [{"role": "user", "content": question}, {"role": "assistant", "content": result.answer}]
+
+
+def register(sub, common) -> None:
+    p = sub.add_parser("ask", parents=[common], help="提问 ask one question")
+    p.add_argument("question")
+    p.add_argument("--llm", choices=["local", "openai", "extractive"], help="default: RAG_LLM_BACKEND or local")
+    p.add_argument("--json", action="store_true", help="print the typed result as JSON")
+    p.set_defaults(func=cmd_ask)
+    p = sub.add_parser("chat", parents=[common], help="多轮对话 multi-turn chat")
+    p.add_argument("--llm", choices=["local", "openai", "extractive"])
+    p.set_defaults(func=cmd_chat)
