@@ -20,10 +20,10 @@ import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from langchain_core.callbacks import CallbackManagerForLLMRun
-from langchain_core.language_models import BaseChatModel
+from langchain_core.language_models import BaseChatModel, LangSmithParams
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.messages.utils import convert_to_openai_messages
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
@@ -31,9 +31,6 @@ from pydantic import PrivateAttr
 from tqdm import tqdm
 
 from rag.config import Settings
-
-if TYPE_CHECKING:  # heavy optional imports, only needed for type hints
-    from langchain_core.language_models import LangSmithParams
 
 # The official Qwen2.5-Coder-1.5B-Instruct Q4_K_M GGUF, as joined from the PyPI parts.
 DEFAULT_GGUF_NAME = "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"
