@@ -43,7 +43,7 @@ demo-kb: install
 	$(RAG) ingest demo/ --kb $(DEMO_KB) --prune
 
 run: install demo-kb
-	$(PY) -m rag.llm_prepare || true
+	$(RAG) prepare-llm
 	$(RAG) serve --kb $(DEMO_KB)
 
 test: install browser

@@ -117,8 +117,8 @@ class Answerer:
 
     def pack(self, hits: list[Hit]) -> tuple[list[Hit], str]:
         """Number the passages that fit the model's context; never cut one in the middle."""
-        budget = self.settings.llm_context - self.settings.llm_max_tokens - count_tokens(
-            load_prompt("system") + load_prompt("answer")) - 64
+        budget = min(self.settings.llm_passage_tokens, self.settings.llm_context - self.settings.llm_max_tokens
+                     - count_tokens(load_prompt("system") + load_prompt("answer")) - 64)
         chosen, parts, used = [], [], 0
         for hit in hits:
             c = hit.chunk
@@ -137,8 +137,13 @@ class Answerer:
         citations = []
         for n in numbers:
             c = hits[n - 1].chunk
-            supported = [s.text for s in sentences if n in s.cited]
-            quote = best_quote(" ".join(supported), c.text) if supported else c.text[:80]
+            quotes = {best_quote(s.text, c.text) for s in sentences if n in s.cited}
+            found = [(c.text.find(q), q) for q in quotes if c.text.find(q) >= 0]
+            if found:  # one contiguous quote covering every sentence this passage supports
+                first = min(at for at, _ in found)
+                quote = c.text[first:max(at + len(q) for at, q in found)]
+            else:
+                quote = c.text[:80]
             span = None
             doc = self.searcher.kb.document_text(c.doc_id)
             if doc:

@@ -4,7 +4,8 @@ What it fixes:
 - lines broken inside a sentence (a PDF wrap, sometimes with a blank line in
   between) are joined when the line does not end a sentence and the next one
   continues it;
-- stray spaces between CJK characters inside prose are removed;
+- stray spaces between CJK characters (and CJK punctuation) inside prose are
+  removed; Latin words wrapped across lines keep one space between them;
 - paragraph breaks and short heading lines are kept.
 
 Every character of the cleaned text remembers its offset in the original,
@@ -22,7 +23,16 @@ _SENTENCE_END = "。！？!?；;…”」』）)》】.．"
 _MID_PUNCT = "，,、：:（(“「『《【—-"
 _PROSE_PUNCT = re.compile(r"[，,、；;。！？]")
 _CONTINUES = re.compile(rf"^[{_CJK}0-9A-Za-z“”\"'‘’「」《》（(%％]")
-_CJK_SPACE_CJK = re.compile(rf"(?<=[{_CJK}])[ \t\u3000\u00a0]+(?=[{_CJK}])")
+# Ideographs plus CJK/full-width punctuation: a space next to them is PDF noise.
+_CJK_WIDE = _CJK + r"\u3001-\u303f\uff00-\uffef"
+_QUOTES = "“”‘’—…·"
+_SPACE = r"[ \t\u3000\u00a0]+"
+_CJK_SPACE_CJK = re.compile(
+    rf"(?<=[{_CJK_WIDE}]){_SPACE}(?=[{_CJK_WIDE}{_QUOTES}])|(?<=[{_CJK_WIDE}{_QUOTES}]){_SPACE}(?=[{_CJK_WIDE}])"
+)
+# Latin words wrapped across lines are joined with a space (mapped to the original line break).
+_LATIN_END = re.compile(r"[A-Za-z0-9,;:%)\]]")
+_LATIN_START = re.compile(r"[A-Za-z0-9(\[]")
 _MULTI_SPACE = re.compile(r"[ \t\u3000\u00a0]{2,}")
 # A wrapped line in these documents is at least this long; headings and captions are shorter.
 WRAP_MIN_CHARS = 40
@@ -92,29 +102,29 @@ def clean_text(original: str) -> CleanText:
     if current:
         paragraphs.append(current)
 
-    out_chars: list[str] = []
+    out: list[str] = []
     origin: list[int] = []
-    for p_idx, para in enumerate(paragraphs):
-        if p_idx:
-            out_chars.append("\n\n")
-            origin.extend((-1, -1))  # filled in below
-        joined = "".join(line for line, _ in para)
-        offsets = [start + i for line, start in para for i in range(len(line))]
-        if len(joined) >= WRAP_MIN_CHARS:  # prose: PDF spacing between CJK is noise
-            keep = np.ones(len(joined), dtype=bool)
+    for para in paragraphs:
+        if out:  # a paragraph break; both characters map to the whitespace around it
+            out.append("\n\n")
+            origin.extend((origin[-1] + 1, para[0][1] - 1))
+        chars: list[str] = []
+        offsets: list[int] = []
+        for line, start in para:
+            if chars and _LATIN_END.match(chars[-1]) and _LATIN_START.match(line):
+                chars.append(" ")
+                offsets.append(offsets[-1] + 1)  # the original line break
+            chars.extend(line)
+            offsets.extend(range(start, start + len(line)))
+        if len(chars) >= WRAP_MIN_CHARS:  # prose: PDF spacing between CJK is noise
+            joined = "".join(chars)
+            keep = np.ones(len(chars), dtype=bool)
             for m in _CJK_SPACE_CJK.finditer(joined):
                 keep[m.start():m.end()] = False
             for m in _MULTI_SPACE.finditer(joined):
                 keep[m.start() + 1:m.end()] = False
-            joined_chars = [c for c, k in zip(joined, keep) if k]
+            chars = [c for c, k in zip(chars, keep) if k]
             offsets = [o for o, k in zip(offsets, keep) if k]
-            joined = "".join(joined_chars)
-        out_chars.append(joined)
+        out.append("".join(chars))
         origin.extend(offsets)
-    text = "".join(out_chars)
-    # Paragraph separators point just after the previous paragraph.
-    arr = np.array(origin + [len(original)], dtype=np.int64)
-    for i in range(len(arr) - 1):
-        if arr[i] < 0:
-            arr[i] = arr[i - 1] + 1 if i else 0
-    return CleanText(text, arr.astype(np.int32))
+    return CleanText("".join(out), np.array(origin + [len(original)], dtype=np.int32))

@@ -78,7 +78,18 @@ def cmd_chat(args) -> int:
         history += [{"role": "user", "content": question}, {"role": "assistant", "content": result.answer}]
 
 
+def cmd_prepare_llm(args) -> int:
+    from rag.cli import _settings
+    from rag.llm import ensure_default_gguf
+
+    path = ensure_default_gguf(_settings(args), progress=True)
+    print(f"本地模型已就绪并通过校验 / local model ready and verified: {path}")
+    return 0
+
+
 def register(sub, common) -> None:
+    p = sub.add_parser("prepare-llm", parents=[common], help="拼接并校验本地模型 assemble + verify the local GGUF")
+    p.set_defaults(func=cmd_prepare_llm)
     p = sub.add_parser("ask", parents=[common], help="提问 ask one question")
     p.add_argument("question")
     p.add_argument("--llm", choices=["local", "openai", "extractive"], help="default: RAG_LLM_BACKEND or local")

@@ -45,12 +45,18 @@ class Settings(BaseSettings):
     llm_model_path: Path | None = None  # any GGUF; default: the assembled Qwen2.5-Coder-1.5B
     llm_context: int = 4096
     llm_max_tokens: int = 512
+    # Passage tokens given to the LLM. Prompt reading dominates time-to-first-token on a
+    # 2-core CPU (~70-150 tokens/s for the 1.5B model), so the local default packs ~3 passages.
+    llm_passage_tokens: int = 900
     llm_temperature: float = 0.1
     llm_base_url: str = "http://127.0.0.1:8080/v1"
     llm_api_key: str = "EMPTY"
     llm_model: str = "qwen2.5-coder-1.5b-instruct"
     llm_timeout: float = 60.0
     llm_retries: int = 2
+
+    # HTTP API (rag api): bearer token clients must send; None = no auth, loopback only.
+    api_key: str | None = None
 
     @property
     def kb_dir(self) -> Path:

@@ -86,7 +86,8 @@ class Question:
         if self.negative:
             return "(无答案 unanswerable)"
         if self.by_quote:
-            return "; ".join(f"{d}: 「{q}」" for d, q in zip(self.gold_docs * len(self.gold_quotes), self.gold_quotes))
+            quotes = " ".join(f"「{q}」" for q in self.gold_quotes)
+            return f"{', '.join(self.gold_docs)}: {quotes}" if self.gold_docs else quotes
         ids = self.gold_ids or self.gold_docs
         return ", ".join(ids[:4]) + (f" (+{len(ids) - 4})" if len(ids) > 4 else "")
 
@@ -257,7 +258,9 @@ def ensure_corpus_kb(corpus: Path, settings: Settings, embedder=None, name: str 
         raise RuntimeError("评测语料导入失败 / corpus ingest failed:\n" + report.summary())
     marker.write_text(json.dumps({"corpus": str(corpus), "pipeline": fingerprint, "complete": True,
                                   "documents": len(report.added) + len(report.updated) + len(report.unchanged),
-                                  "chunks": report.chunks, "built_at": time.time()}))
+                                  "chunks": report.chunks, "embedded": report.embedded,
+                                  "embed_seconds": round(report.embed_seconds, 3),
+                                  "seconds": round(report.seconds, 3), "built_at": time.time()}))
     kb = KnowledgeBase(kb_settings.kb_dir)
     try:
         info.update(documents=len(kb.documents()), chunks=kb.chunk_count())
@@ -265,3 +268,393 @@ def ensure_corpus_kb(corpus: Path, settings: Settings, embedder=None, name: str 
         kb.close()
     info.update(built=True, embedded=report.embedded, embed_seconds=report.embed_seconds, seconds=report.seconds)
     return kb_settings, info
+
+
+# ----------------------------------------------------------------------------- the runner
+def git_revision() -> dict:
+    """``{"revision", "dirty"}`` of the project checkout (read-only git calls; None outside git)."""
+    def run(*args):
+        return subprocess.run(["git", *args], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=10)
+
+    try:
+        rev = run("rev-parse", "HEAD")
+        if rev.returncode != 0:
+            return {"revision": None, "dirty": None}
+        dirty = run("status", "--porcelain", "--untracked-files=no")
+        return {"revision": rev.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
+    except (OSError, subprocess.SubprocessError):
+        return {"revision": None, "dirty": None}
+
+
+def _read_log(path: Path) -> dict[str, dict]:
+    """Records of a per-question log by id; a line cut by an interruption is dropped
+    (and the file rewritten without it, so the next append starts on a clean line)."""
+    if not path.exists():
+        return {}
+    records: dict[str, dict] = {}
+    bad = False
+    raw = path.read_text(encoding="utf-8")
+    for line in raw.splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            records[str(row["id"])] = row
+        except (ValueError, KeyError, TypeError):
+            bad = True
+    if bad or (raw and not raw.endswith("\n")):
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records.values()), encoding="utf-8")
+        tmp.replace(path)
+    return records
+
+
+def _hit_record(hit, units: frozenset[str]) -> dict:
+    c = hit.chunk
+    return {
+        "doc_id": c.doc_id, "start": c.start, "end": c.end, "score": round(hit.score, 6),
+        "dense_rank": hit.dense_rank, "bm25_rank": hit.bm25_rank,
+        "gold": sorted(units), "snippet": c.text[:80].replace("\n", " "),
+    }
+
+
+def evaluate_question(q: Question, searcher, judge: Judge, mode: str, depth: int) -> dict:
+    """Retrieve for one question and score it; returns its log record."""
+    started = time.perf_counter()
+    hits = searcher.search(q.question, depth, mode)
+    latency = (time.perf_counter() - started) * 1000
+    units = [judge.units(q, h.chunk.doc_id, h.chunk.start, h.chunk.end) for h in hits]
+    record = {
+        "id": q.id, "question": q.question, "type": q.type or ("negative" if q.negative else ""),
+        "negative": q.negative, "gold": q.gold_summary(),
+        "retrieved": [_hit_record(h, u) for h, u in zip(hits, units)],
+        "latency_ms": {"retrieve": round(latency, 3)},
+    }
+    if not q.negative:
+        record["metrics"] = score_question(q, units, [h.chunk.doc_id for h in hits])
+        first = next((i for i, u in enumerate(units, 1) if u), None)
+        record["first_relevant_rank"] = first
+    return record
+
+
+def _answer_record(q: Question, answer_fn: Callable[[str], dict]) -> dict:
+    started = time.perf_counter()
+    try:
+        result = dict(answer_fn(q.question) or {})
+    except Exception as exc:  # one failing question must not stop a long run
+        result = {"error": f"{type(exc).__name__}: {exc}"}
+    result["latency_ms"] = round((time.perf_counter() - started) * 1000, 3)
+    text = str(result.get("answer") or result.get("text") or "")
+    result["refused"] = M.is_refusal(text) if "error" not in result else None
+    if not q.negative and q.parts and "error" not in result:
+        result["correct"] = M.answer_correct(text, q.parts)
+    return result
+
+
+def _aggregate(records: list[dict], has_groups: bool) -> dict:
+    scored = [r["metrics"] for r in records if r.get("metrics")]
+    keys = [f"hit@{k}" for k in KS] + [f"mrr@{DEPTH}", f"recall@{DEPTH}"]
+    retrieval = {key: M.mean(s[key] for s in scored) for key in keys}
+    if has_groups:
+        grouped = [s[f"all_groups@{DEPTH}"] for s in scored if f"all_groups@{DEPTH}" in s]
+        retrieval[f"all_groups@{DEPTH}"] = M.mean(grouped)
+    return {k: (round(v, 4) if v is not None else None) for k, v in retrieval.items()}
+
+
+def _answers_summary(records: list[dict]) -> dict | None:
+    answered = [r for r in records if "answer" in r]
+    if not answered:
+        return None
+    pos = [r["answer"] for r in answered if not r["negative"] and "correct" in r["answer"]]
+    neg = [r["answer"] for r in answered if r["negative"]]
+    lat = [r["answer"]["latency_ms"] for r in answered]
+    errors = sum(1 for r in answered if "error" in r["answer"])
+
+    def rate(values):
+        values = [v for v in values if v is not None]
+        return round(sum(values) / len(values), 4) if values else None
+
+    return {
+        "accuracy": rate([a["correct"] for a in pos]),
+        "refusal_on_negative": rate([a.get("refused") for a in neg]),
+        "false_refusal": rate([r["answer"].get("refused") for r in answered
+                               if not r["negative"] and "error" not in r["answer"]]),
+        "n_answered": len(answered), "errors": errors,
+        "latency_p50_ms": _round(M.percentile(lat, 50)), "latency_p95_ms": _round(M.percentile(lat, 95)),
+    }
+
+
+def _round(value, digits=2):
+    return round(value, digits) if value is not None else None
+
+
+def hit_curve(records: list[dict], depth: int = DEPTH) -> list[float]:
+    """hit@k for k = 1..depth over the answerable questions of a log."""
+    firsts = [r.get("first_relevant_rank") for r in records if not r["negative"]]
+    if not firsts:
+        return []
+    return [round(sum(1 for f in firsts if f and f <= k) / len(firsts), 4) for k in range(1, depth + 1)]
+
+
+def run_eval(questions_path: Path, settings: Settings, out: Path, *, k: int = 5, mode: str = "hybrid",
+             limit: int | None = None, answer_fn: Callable[[str], dict] | None = None, searcher=None,
+             progress: bool = True, fresh: bool = False, extra_config: dict | None = None) -> dict:
+    """Evaluate a question file against ``settings.kb``; resumable through ``out/log.jsonl``.
+
+    Args:
+        questions_path: JSONL questions (either gold format).
+        settings: points at the KB to search.
+        out: run directory (``log.jsonl``, ``run.json``, ``report.json``, ``report.md``, ``hit_at_k.png``).
+        k: chunks given to the answer step (retrieval metrics always look at the top 10).
+        mode: ``hybrid``, ``dense`` or ``bm25``.
+        limit: only the first N questions.
+        answer_fn: ``question -> {"answer": text, ...}``; None = retrieval only.
+        searcher: an open ``Searcher`` to reuse (opened from ``settings`` when None).
+        fresh: discard an earlier log in ``out`` instead of resuming it.
+        extra_config: more entries for ``report["config"]`` (e.g. the corpus).
+    Returns the report dict (also written to ``out/report.json``).
+    """
+    from tqdm import tqdm
+
+    from rag.retrieve import Searcher
+
+    questions = load_questions(questions_path, limit)
+    if not questions:
+        raise ValueError(f"{questions_path}: 没有问题 / no questions")
+    own_searcher = searcher is None
+    searcher = searcher or Searcher(settings)
+    try:
+        config = {
+            "kb": settings.kb, "embedder": settings.embedder, "k": k,
+            "chunk_tokens": settings.chunk_tokens, "chunk_overlap_tokens": settings.chunk_overlap_tokens,
+            "mode": mode, "questions": str(questions_path), "kb_generation": searcher.kb.generation,
+            "rrf_k": settings.rrf_k, "bm25_weight": getattr(searcher, "bm25_weight", None),
+            "reranker": settings.reranker, "answers": answer_fn is not None, **(extra_config or {}),
+        }
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        log_path, run_path = out / "log.jsonl", out / "run.json"
+        identity = {key: config[key] for key in ("kb", "embedder", "mode", "kb_generation", "answers", "questions")}
+        if fresh:
+            log_path.unlink(missing_ok=True)
+        elif run_path.exists() and log_path.exists():
+            before = json.loads(run_path.read_text(encoding="utf-8")).get("identity")
+            if before != identity:
+                changed = sorted(key for key in identity if (before or {}).get(key) != identity[key])
+                raise ValueError(
+                    f"{out} 中已有不同配置的运行 / {out} holds a run with another configuration "
+                    f"({', '.join(changed)}); 用 --fresh 重来或换 --out / use --fresh or another --out")
+        run_path.write_text(json.dumps({"identity": identity, "config": config}, ensure_ascii=False, indent=2),
+                            encoding="utf-8")
+        done = _read_log(log_path)
+        wanted = {q.id for q in questions}
+        todo = [q for q in questions if q.id not in done]
+        judge = Judge(searcher.kb.document_text)
+        depth = max(k, DEPTH)
+        running = [r["metrics"] for r in done.values() if r["id"] in wanted and r.get("metrics")]
+        if todo:
+            searcher.search(todo[0].question, depth, mode)  # warm-up: index load, first embedding
+        with log_path.open("a", encoding="utf-8") as log, tqdm(
+            total=len(questions), initial=len(questions) - len(todo), desc=f"评测 eval {mode}", unit="q",
+            disable=not progress, file=sys.stderr, dynamic_ncols=True,
+        ) as bar:
+            for q in todo:
+                record = evaluate_question(q, searcher, judge, mode, depth)
+                if answer_fn is not None:
+                    record["answer"] = _answer_record(q, answer_fn)
+                log.write(json.dumps(record, ensure_ascii=False) + "\n")
+                log.flush()
+                done[q.id] = record
+                if record.get("metrics"):
+                    running.append(record["metrics"])
+                    bar.set_postfix({"hit@5": f"{M.mean(m['hit@5'] for m in running):.3f}",
+                                     "mrr": f"{M.mean(m['mrr@10'] for m in running):.3f}"}, refresh=False)
+                bar.update(1)
+    finally:
+        if own_searcher:
+            searcher.close()
+    records = [done[q.id] for q in questions if q.id in done]
+    report = build_report(records, config, has_groups=any(q.gold_groups for q in questions))
+    write_report(out, report, records)
+    return report
+
+
+def build_report(records: list[dict], config: dict, has_groups: bool = False) -> dict:
+    """The ``report.json`` content from per-question log records."""
+    latencies = [r["latency_ms"]["retrieve"] for r in records]
+    report = {
+        "retrieval": _aggregate(records, has_groups),
+        "latency": {"retrieve_p50_ms": _round(M.percentile(latencies, 50)),
+                    "retrieve_p95_ms": _round(M.percentile(latencies, 95))},
+        "n": len(records),
+        "n_negative": sum(1 for r in records if r["negative"]),
+        "config": config,
+        "git": git_revision(),
+        "hit_curve": hit_curve(records),
+    }
+    answers = _answers_summary(records)
+    if answers:
+        report["answers"] = answers
+        report["latency"]["answer_p50_ms"] = answers["latency_p50_ms"]
+        report["latency"]["answer_p95_ms"] = answers["latency_p95_ms"]
+    return report
+
+
+def worst_misses(records: list[dict], n: int = 10) -> list[dict]:
+    """Answerable questions retrieved worst: no gold in the top 10 first, then latest first gold."""
+    scored = [r for r in records if r.get("metrics")]
+    scored.sort(key=lambda r: (-(r.get("first_relevant_rank") or 99), r["metrics"].get(f"recall@{DEPTH}", 0), r["id"]))
+    return [r for r in scored if (r.get("first_relevant_rank") or 99) > 1][:n]
+
+
+def _fmt(value) -> str:
+    return "–" if value is None else (f"{value:.3f}" if isinstance(value, float) else str(value))
+
+
+def render_markdown(report: dict, records: list[dict]) -> str:
+    cfg = report["config"]
+    lines = [
+        f"# rag eval · {Path(cfg.get('questions', '')).name} · {cfg.get('mode')}",
+        "",
+        f"KB `{cfg.get('kb')}` · embedder `{cfg.get('embedder')}` · chunks {cfg.get('chunk_tokens')}/"
+        f"{cfg.get('chunk_overlap_tokens')} tokens · k {cfg.get('k')} · git {str(report['git'].get('revision'))[:10]}"
+        + (" (dirty)" if report["git"].get("dirty") else ""),
+        "",
+        f"{report['n']} questions, {report['n_negative']} unanswerable (not in retrieval metrics).",
+        "",
+        "| metric | value |",
+        "|---|---|",
+    ]
+    lines += [f"| {key} | {_fmt(value)} |" for key, value in report["retrieval"].items()]
+    lines += [f"| latency {key} | {_fmt(value)} |" for key, value in report["latency"].items()]
+    for key, value in (report.get("answers") or {}).items():
+        lines.append(f"| answers {key} | {_fmt(value)} |")
+    misses = worst_misses(records)
+    if misses:
+        lines += ["", "## Worst misses", "", "| id | question | gold | first gold rank | retrieved instead (top 3) |",
+                  "|---|---|---|---|---|"]
+        for r in misses:
+            instead = "<br>".join(
+                f"{h['doc_id']} [{h['start']}:{h['end']}] {h['snippet'][:40]}" for h in r["retrieved"][:3]
+            )
+            cell = lambda s: str(s).replace("|", "\\|").replace("\n", " ")  # noqa: E731
+            lines.append(f"| {r['id']} | {cell(r['question'])} | {cell(r['gold'])} | "
+                         f"{r.get('first_relevant_rank') or '>10'} | {cell(instead)} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_hit_curve(path: Path, curves: dict[str, list[float]], title: str = "hit@k") -> None:
+    """PNG of hit@k against k for one or more runs (matplotlib, Agg backend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.4), dpi=110)
+    for label, curve in curves.items():
+        if curve:
+            ax.plot(range(1, len(curve) + 1), curve, marker="o", label=label)
+    ax.set_xlabel("k (chunks)")
+    ax.set_ylabel("hit@k")
+    ax.set_ylim(0, 1.02)
+    ax.set_xticks(range(1, DEPTH + 1))
+    ax.grid(alpha=0.3)
+    ax.set_title(title)
+    if len(curves) > 1:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_report(out: Path, report: dict, records: list[dict]) -> None:
+    out = Path(out)
+    (out / "report.json").write_text(json.dumps(report, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    (out / "report.md").write_text(render_markdown(report, records), encoding="utf-8")
+    plot_hit_curve(out / "hit_at_k.png", {report["config"].get("mode", "run"): report["hit_curve"]},
+                   title=f"hit@k · {Path(report['config'].get('questions', '')).stem}")
+
+
+# ----------------------------------------------------------------------------- compare / thresholds
+def _flatten(report: dict) -> dict[str, float]:
+    flat = {}
+    for section in ("retrieval", "latency", "answers"):
+        for key, value in (report.get(section) or {}).items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                flat[f"{section}.{key}"] = value
+    return flat
+
+
+def compare_reports(old_path: Path, new_report: dict, new_records: list[dict] | None = None) -> str:
+    """Per-metric deltas against an older ``report.json`` and the question ids whose
+    hit@k (k of the run when in 1/3/5/10, else 5) or answer correctness flipped
+    (needs the old run's ``log.jsonl`` next to its report)."""
+    old_path = Path(old_path)
+    if old_path.is_dir():
+        old_path = old_path / "report.json"
+    old = json.loads(old_path.read_text(encoding="utf-8"))
+    a, b = _flatten(old), _flatten(new_report)
+    lines = [f"对比 compare with {old_path}", f"{'metric':32s} {'old':>9s} {'new':>9s} {'delta':>9s}"]
+    for key in [k for k in b if k in a] + [k for k in b if k not in a]:
+        if key in a:
+            lines.append(f"{key:32s} {a[key]:9.4f} {b[key]:9.4f} {b[key] - a[key]:+9.4f}")
+        else:
+            lines.append(f"{key:32s} {'–':>9s} {b[key]:9.4f}")
+    old_log = old_path.parent / "log.jsonl"
+    if new_records is not None and old_log.exists():
+        k = new_report["config"].get("k") if new_report["config"].get("k") in KS else 5
+        old_records = _read_log(old_log)
+        gained, lost, ans_gained, ans_lost = [], [], [], []
+        for r in new_records:
+            o = old_records.get(r["id"])
+            if not o or not r.get("metrics") or not o.get("metrics"):
+                continue
+            before, after = o["metrics"][f"hit@{k}"], r["metrics"][f"hit@{k}"]
+            if before != after:
+                (gained if after > before else lost).append(r["id"])
+            ca, cb = (o.get("answer") or {}).get("correct"), (r.get("answer") or {}).get("correct")
+            if ca is not None and cb is not None and ca != cb:
+                (ans_gained if cb else ans_lost).append(r["id"])
+        lines.append(f"hit@{k} 新命中 now hit ({len(gained)}): {' '.join(gained) or '–'}")
+        lines.append(f"hit@{k} 新丢失 now missed ({len(lost)}): {' '.join(lost) or '–'}")
+        if ans_gained or ans_lost:
+            lines.append(f"answers now correct ({len(ans_gained)}): {' '.join(ans_gained) or '–'}")
+            lines.append(f"answers now wrong ({len(ans_lost)}): {' '.join(ans_lost) or '–'}")
+    return "\n".join(lines)
+
+
+def parse_threshold(spec: str) -> tuple[str, float]:
+    """``retrieval.hit@5=0.9`` or ``hit@5=0.9`` → (metric, value)."""
+    metric, sep, value = spec.partition("=")
+    if not sep or not metric.strip():
+        raise ValueError(f"--fail-under expects METRIC=VALUE, got {spec!r}")
+    try:
+        return metric.strip(), float(value)
+    except ValueError:
+        raise ValueError(f"--fail-under: not a number in {spec!r}") from None
+
+
+def metric_value(report: dict, metric: str) -> float | None:
+    """Look up ``section.key`` or a bare key (searched in retrieval, answers, latency)."""
+    flat = _flatten(report)
+    if metric in flat:
+        return flat[metric]
+    for section in ("retrieval", "answers", "latency"):
+        if f"{section}.{metric}" in flat:
+            return flat[f"{section}.{metric}"]
+    return None
+
+
+def check_thresholds(report: dict, specs: Iterable[str]) -> list[str]:
+    """Failure messages for every ``METRIC=VALUE`` the report is below (empty = all pass).
+    An unknown metric raises ``ValueError``."""
+    failures = []
+    for spec in specs:
+        metric, floor = parse_threshold(spec)
+        value = metric_value(report, metric)
+        if value is None:
+            known = ", ".join(_flatten(report)) or "none"
+            raise ValueError(f"--fail-under: unknown metric {metric!r} (known: {known})")
+        if value < floor:
+            failures.append(f"{metric} = {value:.4f} < {floor}")
+    return failures

@@ -16,9 +16,8 @@ from typing import Iterator
 from charset_normalizer import from_bytes
 
 SUPPORTED_SUFFIXES = {".txt", ".md", ".markdown", ".pdf", ".docx", ".html", ".htm", ".jsonl"}
-# Tried in order before falling back to detection: cheap, and covers what
-# Chinese users actually have on disk.
-_COMMON_ENCODINGS = ("utf-8", "gb18030", "big5")
+# Chinese punctuation counted as "everyday" text by ``_common_share``.
+_CJK_PUNCT = set("，。、；：？！“”‘’（）《》【】「」『』…—·")
 
 
 class LoadError(Exception):
@@ -67,19 +66,48 @@ def decode_bytes(data: bytes, name: str) -> str:
     """
     if b"\x00" in data[:8192] and not data.startswith((b"\xff\xfe", b"\xfe\xff")):
         raise LoadError(f"{name}: 二进制文件，不是文本 / binary file, not text")
-    if data.startswith(b"\xef\xbb\xbf"):
-        return data[3:].decode("utf-8")
-    for enc in _COMMON_ENCODINGS:
+    try:
+        return data[3:].decode("utf-8") if data.startswith(b"\xef\xbb\xbf") else data.decode("utf-8")
+    except UnicodeDecodeError:
+        pass
+    # Almost any Big5 file is also valid GB18030 (and short GBK files can be valid Big5):
+    # decode with both and keep the reading made of everyday characters.
+    candidates = []
+    for enc in ("gb18030", "big5"):
         try:
             text = data.decode(enc)
         except UnicodeDecodeError:
             continue
-        if enc == "utf-8" or _looks_like_text(text):
-            return text
+        if _looks_like_text(text):
+            candidates.append((_common_share(text, enc), enc == "gb18030", text))
+    if candidates:
+        return max(candidates)[2]
     best = from_bytes(data).best()
-    if best is None:
-        raise LoadError(f"{name}: 无法识别文本编码 / cannot detect the text encoding")
+    if best is None or not _looks_like_text(str(best)):
+        raise LoadError(f"{name}: 无法识别文本编码，可能是二进制文件 / cannot detect the text encoding (binary file?)")
     return str(best)
+
+
+def _common_share(text: str, encoding: str) -> float:
+    """Share of the non-ASCII characters that are everyday Chinese for ``encoding``:
+    GB2312 ideographs for gb18030, Big5 level 1 (0xA440-0xC67E) for big5. The wrong
+    codec yields rare ideographs, kana and private-use characters instead."""
+
+    def common(ch: str) -> bool:
+        if ch in _CJK_PUNCT:
+            return True
+        if not "\u4e00" <= ch <= "\u9fff":
+            return False
+        try:
+            if encoding == "big5":
+                return b"\xa4\x40" <= ch.encode("big5") <= b"\xc6\x7e"
+            ch.encode("gb2312")
+            return True
+        except UnicodeEncodeError:
+            return False
+
+    wide = [ch for ch in text if ord(ch) > 127]
+    return sum(map(common, wide)) / len(wide) if wide else 1.0
 
 
 def _looks_like_text(text: str) -> bool:

@@ -119,20 +119,21 @@ def split_document(
         chunks.append(Chunk(body, section, o_start, o_end, doc.page_at(o_start), count_tokens(body)))
 
     for section, s_start, s_end in _sections(clean):
-        units: list[tuple[int, int, int]] = []  # (start, end, tokens)
+        units: list[tuple[int, int, int]] = []  # (start, end, tokens), each within the limit
         for a, b in _sentences(text[s_start:s_end], s_start):
-            n = count_tokens(text[a:b])
-            while n > chunk_tokens:  # a run-on "sentence": cut by characters
-                cut = a + max(1, (b - a) * chunk_tokens // n)
-                units.append((a, cut, count_tokens(text[a:cut])))
-                a, n = cut, count_tokens(text[cut:b])
-            units.append((a, b, n))
+            while a < b:  # a run-on "sentence" is cut into pieces that fit
+                cut, n = _fitting_prefix(text, a, b, chunk_tokens)
+                units.append((a, cut, n))
+                a = cut
         i = 0
         while i < len(units):
-            j, total = i, 0
+            j, total = i + 1, units[i][2]
             while j < len(units) and total + units[j][2] <= chunk_tokens:
                 total += units[j][2]
                 j += 1
+            # token counts are not additive: shrink until the real text fits
+            while j - 1 > i and count_tokens(text[units[i][0]:units[j - 1][1]].strip()) > chunk_tokens:
+                j -= 1
             emit(section, units[i][0], units[j - 1][1])
             if j >= len(units):
                 break
@@ -143,3 +144,27 @@ def split_document(
                 back += units[k][2]
             i = k
     return chunks
+
+
+def _fitting_prefix(text: str, start: int, end: int, limit: int) -> tuple[int, int]:
+    """``(cut, tokens)``: the longest ``text[start:cut]`` (cut <= end) of at most ``limit`` tokens.
+
+    Looks at a window of ``4 * limit`` characters, widened only for unusually dense text
+    (up to ``32 * limit``), so a megabyte without punctuation stays cheap to cut.
+    """
+    lo, hi = start + 1, min(end, start + 4 * limit)
+    while True:
+        n = count_tokens(text[start:hi])
+        if n > limit:
+            break
+        if hi == end or hi - start >= 32 * limit:
+            return hi, n
+        lo, hi = hi, min(end, start + 2 * (hi - start))
+    hi -= 1
+    while lo < hi:  # text[start:lo] fits, text[start:hi + 1] does not
+        mid = (lo + hi + 1) // 2
+        if count_tokens(text[start:mid]) <= limit:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo, count_tokens(text[start:lo])

@@ -1,0 +1,218 @@
+"""Retrieval benchmark on the shared evaluation sets (``make bench``).
+
+For each set: build (or reuse) its evaluation KB under ``index/`` (same KB as
+``rag eval --corpus``: ``eval-<set>-<hash8>``), run every question through
+``Searcher.search`` in dense, bm25 and hybrid mode, and print hit@1 / hit@5 /
+MRR@10 / recall@10 (+ all_groups@10 where evidence groups exist), query latency
+p50/p95 per mode, ingest throughput and peak RSS as a Markdown table (also
+written to ``bench/results.md`` and ``bench/results.json``).
+
+The raw dense and BM25 rankings (top 100 each) are cached per question under
+``index/_bench/<kb>/rankings.jsonl`` so fusion variants can be re-scored without
+searching again (``bench/tune_fusion.py``).
+
+Usage::
+
+    .venv/bin/python bench/bench_retrieval.py [--sets seeds,cmrc2018] [--limit-questions 100]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from rag import metrics as M  # noqa: E402
+from rag.config import Settings  # noqa: E402
+from rag.evaluate import (  # noqa: E402
+    DEPTH, Judge, ensure_corpus_kb, evaluate_question, git_revision, load_questions, pipeline_fingerprint,
+)
+
+SHARED = Path(os.environ.get("RAG_SHARED", ROOT.parent / "shared"))
+SETS = {
+    "seeds": (SHARED / "corpus" / "seeds", SHARED / "corpus" / "seeds_eval" / "dev.jsonl"),
+    "cmrc2018": (SHARED / "evaldata" / "cmrc2018" / "corpus.jsonl", SHARED / "evaldata" / "cmrc2018" / "questions.jsonl"),
+    "drcd": (SHARED / "evaldata" / "drcd" / "corpus.jsonl", SHARED / "evaldata" / "drcd" / "questions.jsonl"),
+    "rgb_zh": (SHARED / "evaldata" / "rgb_zh" / "corpus.jsonl", SHARED / "evaldata" / "rgb_zh" / "questions.jsonl"),
+    "rgb_zh_int": (SHARED / "evaldata" / "rgb_zh_int" / "corpus.jsonl",
+                   SHARED / "evaldata" / "rgb_zh_int" / "questions.jsonl"),
+}
+MODES = ("dense", "bm25", "hybrid")
+CANDIDATES = 100  # per channel, as Settings.candidates
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def count_passages(corpus: Path) -> int:
+    if corpus.is_dir():
+        return sum(1 for p in corpus.rglob("*") if p.is_file())
+    with corpus.open(encoding="utf-8") as fh:
+        return sum(1 for line in fh if line.strip())
+
+
+def sample_throughput(kb_settings: Settings, embedder, n: int = 64) -> float:
+    """Passages/s embedding a sample of the KB's chunks (when the KB was built earlier
+    without a recorded rate)."""
+    from rag.store import KnowledgeBase
+
+    kb = KnowledgeBase(kb_settings.kb_dir)
+    try:
+        rows = kb.db.execute("SELECT c.text, d.title FROM chunks c JOIN documents d ON d.doc_id = c.doc_id "
+                             "ORDER BY c.id LIMIT ?", (n,)).fetchall()
+    finally:
+        kb.close()
+    texts = [f"{title}\n{text}" if title else text for text, title in rows]
+    started = time.perf_counter()
+    for i in range(0, len(texts), kb_settings.embed_batch_size):
+        embedder.embed_passages(texts[i:i + kb_settings.embed_batch_size])
+    return len(texts) / (time.perf_counter() - started)
+
+
+def cache_rankings(searcher, questions, path: Path, identity: dict) -> None:
+    """Save the dense and BM25 top-``CANDIDATES`` chunk ids of every question (resumable)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = path.with_suffix(".meta.json")
+    if meta.exists() and json.loads(meta.read_text()) != identity:
+        path.unlink(missing_ok=True)
+    meta.write_text(json.dumps(identity))
+    done = set()
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                done.add(json.loads(line)["id"])
+            except (ValueError, KeyError):
+                pass
+    with path.open("a", encoding="utf-8") as fh:
+        for q in questions:
+            if q.id in done:
+                continue
+            d_ids, d_scores = searcher.dense_ranking(q.question, CANDIDATES)
+            b_ids, b_scores = searcher.bm25_ranking(q.question, CANDIDATES)
+            fh.write(json.dumps({"id": q.id, "dense": d_ids, "dense_scores": [round(s, 5) for s in d_scores],
+                                 "bm25": b_ids, "bm25_scores": [round(s, 4) for s in b_scores]}) + "\n")
+
+
+def bench_set(name: str, settings: Settings, embedder, limit: int | None, progress: bool) -> dict:
+    from tqdm import tqdm
+
+    from rag.retrieve import Searcher
+
+    corpus, questions_path = SETS[name]
+    started = time.perf_counter()
+    kb_settings, info = ensure_corpus_kb(corpus, settings, embedder, progress=progress,
+                                         log=lambda m: print(m, file=sys.stderr))
+    marker = json.loads((kb_settings.kb_dir / "eval-corpus.json").read_text())
+    if info.get("built") and info.get("embedded"):
+        rate, rate_src = info["embedded"] / max(info["embed_seconds"], 1e-9), "build"
+    elif marker.get("embedded"):
+        rate, rate_src = marker["embedded"] / max(marker["embed_seconds"], 1e-9), "build (earlier)"
+    else:
+        rate, rate_src = sample_throughput(kb_settings, embedder), "64-chunk sample"
+    questions = load_questions(questions_path, limit)
+    searcher = Searcher(kb_settings, embedder=embedder)
+    result = {"set": name, "kb": kb_settings.kb, "passages": count_passages(corpus), "chunks": info["chunks"],
+              "questions": len(questions), "answerable": sum(not q.negative for q in questions),
+              "embed_rate": round(rate, 2), "embed_rate_source": rate_src,
+              "built_now": bool(info.get("built")), "ingest_seconds": round(info.get("seconds", 0.0), 1),
+              "modes": {}}
+    try:
+        judge = Judge(searcher.kb.document_text)
+        searcher.search(questions[0].question, DEPTH, "hybrid")  # warm-up
+        records = {m: [] for m in MODES}
+        for q in tqdm(questions, desc=f"{name}", unit="q", disable=not progress, file=sys.stderr):
+            for mode in MODES:
+                records[mode].append(evaluate_question(q, searcher, judge, mode, DEPTH))
+        has_groups = any(q.gold_groups for q in questions)
+        for mode in MODES:
+            recs = records[mode]
+            scored = [r["metrics"] for r in recs if r.get("metrics")]
+            keys = ["hit@1", "hit@3", "hit@5", "hit@10", "mrr@10", "recall@10"] + (["all_groups@10"] if has_groups else [])
+            lat = [r["latency_ms"]["retrieve"] for r in recs]
+            result["modes"][mode] = {
+                **{k: round(M.mean(s[k] for s in scored), 4) for k in keys},
+                "p50_ms": round(M.percentile(lat, 50), 2), "p95_ms": round(M.percentile(lat, 95), 2),
+            }
+        identity = {"kb": kb_settings.kb, "generation": searcher.kb.generation, "pipeline": pipeline_fingerprint(),
+                    "candidates": CANDIDATES}
+        cache_rankings(searcher, questions, ROOT / "index" / "_bench" / kb_settings.kb / "rankings.jsonl", identity)
+    finally:
+        searcher.close()
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    result["peak_rss_mb"] = round(peak_rss_mb(), 1)
+    return result
+
+
+def render(results: list[dict], total_seconds: float, settings: Settings) -> str:
+    git = git_revision()
+    lines = [
+        "# Retrieval benchmark",
+        "",
+        f"git {str(git['revision'])[:10]}{' (dirty)' if git['dirty'] else ''} · embedder {settings.embedder} · "
+        f"chunks {settings.chunk_tokens}/{settings.chunk_overlap_tokens} tokens · candidates {settings.candidates}"
+        f"/channel · rrf_k {settings.rrf_k} · {os.cpu_count()} CPUs · {platform.python_version()}",
+        "",
+        "Values are over answerable questions; a hit is a gold document (or a chunk covering a gold quote) in the"
+        " top k chunks. Latency: one `Searcher.search` call (query embedding included).",
+        "",
+        "| set | mode | hit@1 | hit@5 | MRR@10 | recall@10 | all_groups@10 | p50 ms | p95 ms |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        for mode in MODES:
+            m = r["modes"][mode]
+            groups = f"{m['all_groups@10']:.3f}" if "all_groups@10" in m else "–"
+            lines.append(f"| {r['set']} ({r['answerable']} q) | {mode} | {m['hit@1']:.3f} | {m['hit@5']:.3f} | "
+                         f"{m['mrr@10']:.3f} | {m['recall@10']:.3f} | {groups} | {m['p50_ms']:.1f} | {m['p95_ms']:.1f} |")
+    lines += ["", "| set | passages | chunks | embed passages/s | (measured on) | ingest s (this run) | set total s |"
+              " peak RSS MB |", "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r['set']} | {r['passages']} | {r['chunks']} | {r['embed_rate']:.1f} | {r['embed_rate_source']} | "
+                     f"{r['ingest_seconds'] if r['built_now'] else 'reused'} | {r['seconds']} | {r['peak_rss_mb']} |")
+    lines += ["", f"Total {total_seconds:.0f} s; peak RSS {peak_rss_mb():.0f} MB."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sets", default=",".join(SETS), help=f"comma-separated, from {', '.join(SETS)}")
+    parser.add_argument("--limit-questions", type=int, help="first N questions per set")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results.md"))
+    parser.add_argument("-q", "--quiet", action="store_true")
+    args = parser.parse_args(argv)
+    names = [s.strip() for s in args.sets.split(",") if s.strip()]
+    unknown = [n for n in names if n not in SETS]
+    if unknown:
+        parser.error(f"unknown set(s) {unknown}; known: {', '.join(SETS)}")
+    from rag.embed import make_embedder
+
+    settings = Settings()
+    started = time.perf_counter()
+    embedder = make_embedder(settings.embedder, settings.threads, settings.embed_batch_size)
+    results = []
+    for name in names:
+        results.append(bench_set(name, settings, embedder, args.limit_questions, not args.quiet))
+        print(f"{name}: {json.dumps(results[-1]['modes'])}", file=sys.stderr, flush=True)
+    text = render(results, time.perf_counter() - started, settings)
+    print(text)
+    out = Path(args.out)
+    out.write_text(text, encoding="utf-8")
+    out.with_suffix(".json").write_text(json.dumps({"results": results, "git": git_revision(),
+                                                    "seconds": round(time.perf_counter() - started, 1),
+                                                    "peak_rss_mb": round(peak_rss_mb(), 1)}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

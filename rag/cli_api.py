@@ -1,0 +1,42 @@
+"""``rag api``: serve the knowledge bases as an OpenAI-compatible HTTP API (see ``rag.api``)."""
+from __future__ import annotations
+
+import sys
+
+
+def cmd_api(args) -> int:
+    import uvicorn
+
+    from rag.api import MODEL_PREFIX, Library, check_bind, create_app
+    from rag.cli import _settings
+    from rag.store import KnowledgeBaseError
+
+    settings = _settings(args)
+    if args.llm:
+        settings.llm_backend = args.llm
+    check_bind(args.host, settings.api_key)  # ValueError: printed by rag.cli as one line, exit 2
+    names = Library(settings).names()
+    if args.kb and args.kb not in names:
+        raise KnowledgeBaseError(f"知识库不存在：{settings.kb_dir}（先运行 rag ingest）/ "
+                                 f"knowledge base not found: {settings.kb_dir} (run rag ingest first)")
+    if not names:
+        print(f"注意：{settings.home} 下还没有知识库，先运行 rag ingest / no knowledge bases under "
+              f"{settings.home} yet: run rag ingest", file=sys.stderr)
+    shown = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"rag api · http://{shown}:{args.port}/v1 · 模型 models: "
+          f"{', '.join(MODEL_PREFIX + n for n in names) or '-'} · 后端 backend: {settings.llm_backend} · "
+          f"密钥 API key: {'on' if settings.api_key else 'off (RAG_API_KEY)'} · 文档 docs: /docs", file=sys.stderr)
+    app = create_app(settings)
+    # A short graceful shutdown: an open stream must not keep Ctrl-C waiting.
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    return 0
+
+
+def register(sub, common) -> None:
+    p = sub.add_parser("api", parents=[common], help="OpenAI 兼容的 HTTP 接口 OpenAI-compatible HTTP API")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="监听地址 bind address (default 127.0.0.1; others need RAG_API_KEY)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--llm", choices=["local", "openai", "extractive"], help="default: RAG_LLM_BACKEND or local")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=cmd_api)

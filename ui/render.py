@@ -1,0 +1,184 @@
+"""HTML for the chat messages, the citation side panel and the retrieval details.
+
+Every piece of document or user text goes through ``esc`` first: documents are
+untrusted input. Citation chips are ``<a class="cite" href="#cite-<key>">`` links
+because the chatbot's sanitiser keeps ``href`` and ``class`` but strips ``data-*``
+attributes; ``ui.assets.BRIDGE_JS`` turns a click on such a link into a server event.
+"""
+from __future__ import annotations
+
+import html
+import re
+
+from rag.cite import MARKER
+from ui.conversation import cite_key, where
+
+CONTEXT_CHARS = 160  # document text shown on each side of a cited passage
+_TAIL_PUNCT = re.compile(r"^(.*?)([。！？!?；;]*)$", re.S)
+
+
+def esc(text: str) -> str:
+    return html.escape(text or "").replace("\n", "<br>")
+
+
+def _chip(turn: int, kind: str, number: int, title: str = "") -> str:
+    tip = f' title="{html.escape(title, quote=True)}"' if title else ""
+    return f'<a class="cite" href="#cite-{cite_key(turn, kind, number)}"{tip}>[{number}]</a>'
+
+
+def _numbers(marker: re.Match) -> list[int]:
+    return [int(n) for n in re.split(r"[,，、\s]+", marker.group(1)) if n]
+
+
+def user_message(question: str) -> str:
+    return esc(question)
+
+
+def _with_markers(text: str, chip) -> str:
+    """Escape ``text`` and replace each [n] marker by ``chip(n)``."""
+    out, at = [], 0
+    for m in MARKER.finditer(text):
+        out.append(esc(text[at:m.start()]))
+        out.extend(chip(n) for n in _numbers(m))
+        at = m.end()
+    out.append(esc(text[at:]))
+    return "".join(out)
+
+
+def streaming_message(text: str, status: str = "") -> str:
+    """The answer while it streams: markers are shown but not clickable yet (not verified)."""
+    body = _with_markers(text, lambda n: f'<span class="cite pending">[{n}]</span>')
+    note = f'<div class="status">{esc(status)}</div>' if status else ""
+    return f'<div class="answer streaming">{body}</div>{note}'
+
+
+def _sentence_html(turn: int, sentence: dict, titles: dict[int, str]) -> str:
+    body, punct = _TAIL_PUNCT.match(sentence["text"]).groups()
+    chips = "".join(_chip(turn, "c", n, titles.get(n, "")) for n in sentence["cited"])
+    inner = f"{esc(body)}{chips}{esc(punct)}"
+    if sentence["supported"]:
+        return f'<span class="sent">{inner}</span>'
+    return (f'<span class="sent unsupported" title="核对：资料中没有找到这句话的依据 / not supported by the sources">'
+            f'{inner}<span class="flag">⚠未核实</span></span>')
+
+
+def answer_message(turn: int, result: dict) -> str:
+    """A finished answer: clickable [n] chips, unsupported sentences marked, sources listed."""
+    if result["refused"]:
+        return refusal_message(turn, result)
+    titles = {c["number"]: where(c["title"], c["section"], c["page"], c["doc_id"]) for c in result["citations"]}
+    if result["sentences"]:
+        body = "".join(_sentence_html(turn, s, titles) for s in result["sentences"])
+    else:  # nothing to verify sentence by sentence: still make the markers clickable
+        body = _with_markers(result["answer"], lambda n: _chip(turn, "c", n, titles.get(n, "")))
+    parts = [f'<div class="answer">{body}</div>']
+    if result["unsupported_sentences"]:
+        parts.append(f'<div class="warn">⚠ {result["unsupported_sentences"]} 句没有在资料中找到依据，已标出，请谨慎参考。</div>')
+    if result["citations"]:
+        items = "".join(
+            f'<li><a class="source" href="#cite-{cite_key(turn, "c", c["number"])}">'
+            f'<b>[{c["number"]}]</b> {esc(titles[c["number"]])}'
+            f'<span class="quote">「{esc(_clip(c["quote"], 60))}」</span></a></li>'
+            for c in result["citations"])
+        parts.append(f'<div class="sources"><div class="sources-title">来源（点击查看原文）</div><ol>{items}</ol></div>')
+    parts.append(_notice(result))
+    return "".join(parts)
+
+
+def refusal_message(turn: int, result: dict) -> str:
+    """A refusal says so, and still offers the closest passages to look at."""
+    parts = [f'<div class="refusal">🚫 {esc(result["answer"])}</div>']
+    if result["passages"]:
+        items = "".join(
+            f'<li><a class="source" href="#cite-{cite_key(turn, "p", p["number"])}">'
+            f'<b>[{p["number"]}]</b> {esc(where(p["title"], p["section"], p["page"], p["doc_id"]))}'
+            f'<span class="quote">{esc(_clip(p["text"], 50))}</span></a></li>'
+            for p in result["passages"][:3])
+        parts.append(f'<div class="sources closest"><div class="sources-title">最接近的段落（仅供参考，未必能回答问题）</div>'
+                     f'<ol>{items}</ol></div>')
+    parts.append(_notice(result))
+    return "".join(parts)
+
+
+def error_message(message: str) -> str:
+    return f'<div class="refusal error">⚠ 出错了：{esc(message)}</div>'
+
+
+def _notice(result: dict) -> str:
+    return f'<div class="notice">ℹ️ {esc(result["notice"])}</div>' if result.get("notice") else ""
+
+
+def _clip(text: str, n: int) -> str:
+    text = " ".join((text or "").split())
+    return text if len(text) <= n else text[:n] + "…"
+
+
+# ---------------------------------------------------------------- side panel
+def _highlighted(text: str, source: dict, lo: int, hi: int, focus: bool) -> str:
+    """``text[lo:hi]`` with the passage tinted and the supporting quote marked."""
+    start, end = max(lo, source["start"]), min(hi, source["end"])
+    qs, qe = source.get("quote_start"), source.get("quote_end")
+    if qs is None or qe is None or not (start <= qs < qe <= end):
+        qs = qe = None
+    focus_cls = " rag-focus" if focus else ""
+    if qs is None:  # no located quote: the passage itself is the thing to look at
+        passage = f'<mark class="passage-only{focus_cls}">{esc(text[start:end])}</mark>'
+    else:
+        passage = (f"{esc(text[start:qs])}<mark class=\"quote{focus_cls}\">{esc(text[qs:qe])}</mark>"
+                   f"{esc(text[qe:end])}")
+    return f'{esc(text[lo:start])}<span class="passage">{passage}</span>{esc(text[end:hi])}'
+
+
+def source_header(source: dict, doc: tuple[str, str] | None) -> str:
+    title = doc[0] if doc else source["title"]
+    kind = f'引用 [{source["number"]}]' if source["kind"] == "citation" else f'段落 [{source["number"]}]'
+    rows = [("文档", f'{title or source["doc_id"]}'), ("文件", source["doc_id"]),
+            ("章节", source["section"] or "—"), ("页码", f'第{source["page"]}页' if source["page"] else "—"),
+            ("知识库", source["kb"])]
+    cells = "".join(f"<tr><th>{esc(k)}</th><td>{esc(str(v))}</td></tr>" for k, v in rows)
+    return f'<div class="cite-head"><span class="cite-kind">{kind}</span><table>{cells}</table></div>'
+
+
+def context_html(source: dict, doc: tuple[str, str] | None) -> str:
+    """The cited passage inside its neighbouring document text, quote highlighted."""
+    if doc is None:
+        return source_header(source, None) + '<div class="warn">该文档已从知识库删除，无法显示原文。</div>'
+    text = doc[1]
+    lo = max(0, source["start"] - CONTEXT_CHARS)
+    hi = min(len(text), source["end"] + CONTEXT_CHARS)
+    body = ("…" if lo > 0 else "") + _highlighted(text, source, lo, hi, focus=False) + ("…" if hi < len(text) else "")
+    quote = (f'<div class="cite-quote">支持回答的原文：<mark class="quote">{esc(source["quote"])}</mark></div>'
+             if source["kind"] == "citation" and source.get("quote") else "")
+    return f'{source_header(source, doc)}{quote}<div class="context">{body}</div>'
+
+
+def full_document_html(source: dict, doc: tuple[str, str] | None) -> str:
+    """The whole document, the passage marked; ``ui.assets.SCROLL_TO_FOCUS_JS`` scrolls to it."""
+    if doc is None:
+        return '<div class="warn">该文档已从知识库删除。</div>'
+    title, text = doc
+    return (f'<div class="fulldoc-title">《{esc(title or source["doc_id"])}》全文 · {esc(source["doc_id"])}</div>'
+            f'<div class="fulldoc">{_highlighted(text, source, 0, len(text), focus=True)}</div>')
+
+
+# ---------------------------------------------------------------- retrieval details
+def _num(value, digits: int) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def details_html(turn: dict | None) -> str:
+    """Rewritten query, per-channel ranks and scores of each passage, timings."""
+    if turn is None:
+        return '<div class="muted">提问后这里显示检索详情。</div>'
+    r = turn["result"]
+    rows = "".join(
+        f'<tr><td>[{p["number"]}]</td><td>{esc(where(p["title"], p["section"], p["page"], p["doc_id"]))}</td>'
+        f'<td>{_num(p["score"], 4)}</td>'
+        f'<td>{"#" + str(p["dense_rank"]) if p["dense_rank"] else "—"} / {_num(p["dense_score"], 3)}</td>'
+        f'<td>{"#" + str(p["bm25_rank"]) if p["bm25_rank"] else "—"} / {_num(p["bm25_score"], 2)}</td></tr>'
+        for p in r["passages"])
+    timings = " · ".join(f"{k} {v:.0f} ms" for k, v in r["timings"].items())
+    return (f'<div class="details"><div><b>检索用的问题</b>（改写后）：{esc(r["query"])}</div>'
+            f'<div><b>模型</b>：{esc(r["backend"])} · <b>用时</b>：{esc(timings)}</div>'
+            f'<table><thead><tr><th>#</th><th>文档 · 章节</th><th>融合分</th><th>向量 排名/分数</th>'
+            f'<th>BM25 排名/分数</th></tr></thead><tbody>{rows}</tbody></table></div>')
