@@ -19,6 +19,7 @@ from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate, PromptTemplate
 from langchain_core.runnables import RunnableLambda
 
+from rag.clean import is_heading_line
 from rag.cite import Citation, best_quote, bigrams, locate, split_sentences, verify
 from rag.config import PROJECT_ROOT, Settings
 from rag.retrieve import Hit, Searcher
@@ -161,7 +162,7 @@ class Answerer:
         for n, hit in enumerate(hits[:3], 1):
             for sentence in split_sentences(hit.chunk.text):
                 grams = bigrams(sentence)
-                if grams:
+                if grams and not is_heading_line(sentence):  # a title line is not an answer
                     # Question coverage first, rank of the passage as the tie-break.
                     scored.append((len(q & grams) / max(1, len(q)), -n, sentence.strip(), n))
         scored.sort(reverse=True)

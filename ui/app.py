@@ -11,7 +11,6 @@ Usage::
 """
 from __future__ import annotations
 
-import ipaddress
 import tempfile
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import gradio as gr
 from rag.config import Settings
 from rag.load import SUPPORTED_SUFFIXES
 from ui.assets import BRIDGE_JS, CSS, SCROLL_TO_FOCUS_JS, theme
+from ui.bind import AUTH_USER, check_bind
 from ui.chat import ChatHandlers
 from ui.kb_panel import DOC_HEADERS, KBHandlers
 from ui.services import KnowledgeBases
@@ -27,33 +27,9 @@ from ui.services import KnowledgeBases
 # Enough parallel answers that one slow LLM answer never queues a quick extractive one
 # behind it; the local model itself is serialised by the lock in rag.llm.
 DEFAULT_CHAT_CONCURRENCY = 8
-AUTH_USER = "rag"
 CITATION_HINT = '<div class="muted">点击回答中的 [1] [2] 或下方“来源”，在这里查看原文出处。</div>'
 BACKENDS = [("抽取式（不用大模型，最快）", "extractive"), ("本地模型（Qwen 1.5B，llama.cpp）", "local"),
             ("OpenAI 兼容接口", "openai")]
-
-
-class BindError(RuntimeError):
-    """Refusing to expose the UI beyond this machine without a password."""
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
-def check_bind(host: str, password: str | None) -> None:
-    """Anyone who can reach a non-loopback address could read every document: require a password."""
-    if not is_loopback(host) and not password:
-        raise BindError(
-            f"拒绝启动：监听 {host} 会让其他机器访问问答界面和全部文档，必须设置访问密码"
-            f"（--password 或环境变量 RAG_UI_PASSWORD）；只在本机使用请去掉 --host。"
-            f" / refusing to bind {host} without an access password (use --password or RAG_UI_PASSWORD)."
-        )
 
 
 class RagApp:
@@ -76,16 +52,21 @@ class RagApp:
 
     def _build(self) -> gr.Blocks:
         s = self.settings
-        with gr.Blocks(title="中文文档问答", analytics_enabled=False, fill_width=True) as blocks:
+        # delete_cache: Gradio's copies of exports and uploads are removed after an hour.
+        with gr.Blocks(title="中文文档问答", analytics_enabled=False, fill_width=True,
+                       delete_cache=(1800, 3600)) as blocks:
             turns = gr.State([])
             selected = gr.State(None)
             bridge = gr.HTML("", js_on_load=BRIDGE_JS, elem_id="rag-bridge")
-            gr.Markdown("## 📚 中文文档问答 · 回答只来自你的文档，每句话都标出处")
+            gr.Markdown("## 中文文档问答 · 回答只来自你的文档，每句话都标出处")
             with gr.Row(equal_height=False):
                 with gr.Column(scale=3):
-                    kb = gr.Dropdown(label="知识库", choices=self.kb_panel.choices(), value=s.kb, elem_id="rag-kb")
+                    # Custom values allowed: KBs created after start-up (and API callers) must pass
+                    # validation; the name is checked by KnowledgeBases anyway.
+                    kb = gr.Dropdown(label="知识库", choices=self.kb_panel.choices(), value=s.kb,
+                                     allow_custom_value=True, elem_id="rag-kb")
                     with gr.Tabs():
-                        with gr.Tab("💬 对话", id="chat"):
+                        with gr.Tab("对话", id="chat"):
                             chatbot = gr.Chatbot(
                                 label="对话", height=520, elem_id="rag-chat", render_markdown=False,
                                 sanitize_html=True, buttons=["copy"], feedback_options=None, latex_delimiters=[],
@@ -99,9 +80,9 @@ class RagApp:
                                 export = gr.Button("导出 Markdown", size="sm", elem_id="rag-export")
                             export_file = gr.File(label="导出的对话", visible=False, interactive=False,
                                                   elem_id="rag-export-file")
-                            with gr.Accordion("🔬 检索详情", open=True, visible=False) as details_box:
+                            with gr.Accordion("检索详情", open=True, visible=False) as details_box:
                                 details = gr.HTML(elem_id="rag-details")
-                        with gr.Tab("📚 知识库", id="kb"):
+                        with gr.Tab("知识库", id="kb"):
                             kb_summary = gr.Markdown(elem_id="rag-kb-summary")
                             docs = gr.Dataframe(headers=DOC_HEADERS, interactive=False, wrap=True, elem_id="rag-docs")
                             upload = gr.File(
@@ -112,24 +93,24 @@ class RagApp:
                             kb_status = gr.Markdown(elem_id="rag-kb-status")
                             with gr.Row():
                                 to_delete = gr.Dropdown(label="选择要删除的文档", multiselect=True, choices=[], scale=3,
-                                                        elem_id="rag-delete-pick")
+                                                        allow_custom_value=True, elem_id="rag-delete-pick")
                                 delete = gr.Button("删除所选文档", variant="stop", scale=1, elem_id="rag-delete")
                             with gr.Row():
                                 new_kb = gr.Textbox(label="新知识库名称", scale=3, elem_id="rag-new-kb")
                                 create = gr.Button("新建知识库", scale=1, elem_id="rag-create")
                             reindex = gr.Button("重建索引", size="sm", elem_id="rag-reindex")
-                        with gr.Tab("⚙️ 设置", id="settings"):
+                        with gr.Tab("设置", id="settings"):
                             backend = gr.Radio(BACKENDS, value=s.llm_backend, label="回答模型", elem_id="rag-backend")
                             with gr.Group(visible=s.llm_backend == "openai") as openai_box:
                                 base_url = gr.Textbox(label="接口地址 Base URL", value=s.llm_base_url)
-                                api_key = gr.Textbox(label="API Key", type="password",
+                                api_key = gr.Textbox(label="API Key", value="", type="password",
                                                      placeholder="留空使用 RAG_LLM_API_KEY")
                                 model = gr.Textbox(label="模型名称", value=s.llm_model)
                             top_k = gr.Slider(1, 10, value=s.top_k, step=1, label="检索段落数 top-k")
                             show_details = gr.Checkbox(label="显示检索详情（改写后的问题、每段的 BM25 与向量分数）",
                                                        elem_id="rag-show-details")
                 with gr.Column(scale=2, elem_id="rag-side"):
-                    gr.Markdown("### 📖 引用原文")
+                    gr.Markdown("### 引用原文")
                     citation = gr.HTML(CITATION_HINT, elem_id="rag-citation")
                     open_full = gr.Button("打开全文并定位", size="sm", elem_id="rag-open-full")
                     fulldoc = gr.HTML(visible=False, elem_id="rag-fulldoc")

@@ -57,8 +57,8 @@ CSS = """
           padding: 2px 4px; border-radius: 6px; }
 .source:hover, .source.cite-active { background: #eef4ff; }
 .source .quote { color: #6b7280; margin-left: 6px; }
-#rag-citation .cite-head table { font-size: 0.88em; border-collapse: collapse; margin: 4px 0 8px; }
-#rag-citation .cite-head th { text-align: left; color: #6b7280; padding: 1px 10px 1px 0; font-weight: normal; }
+#rag-citation .cite-meta { font-size: 0.88em; margin: 4px 0 8px; }
+#rag-citation .cite-meta .k { display: inline-block; width: 3.5em; color: #6b7280; }
 #rag-citation .cite-kind { font-weight: 700; color: #1d4ed8; }
 #rag-citation .cite-quote { font-size: 0.9em; margin-bottom: 6px; }
 #rag-citation .context, #rag-fulldoc .fulldoc { line-height: 1.8; padding: 8px 10px; border-radius: 8px;

@@ -47,7 +47,7 @@ class ChatHandlers:
         def frame(content: str):
             return shown + [{"role": "assistant", "content": content}], turns, "", gr.skip()
 
-        yield frame(render.streaming_message("", "🔎 正在检索资料…"))
+        yield frame(render.streaming_message("", "正在检索资料…"))
         choice = LLMChoice(backend or "extractive", (base_url or "").strip(), (api_key or "").strip(),
                            (model or "").strip())
         result, text = None, ""

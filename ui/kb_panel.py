@@ -19,6 +19,16 @@ log = logging.getLogger(__name__)
 DOC_HEADERS = ["文件", "标题", "片段数", "加入时间"]
 
 
+def _forget_uploads(files: list[str]) -> None:
+    """Delete Gradio's copies of uploaded files once indexed: the KB keeps the text, and a
+    document deleted from the KB must not live on in the upload cache."""
+    cache = Path(gr.utils.get_upload_folder()).resolve()
+    for name in files:
+        path = Path(name).resolve()
+        if path.is_relative_to(cache):  # never touch a file the server did not receive as an upload
+            path.unlink(missing_ok=True)
+
+
 class KBHandlers:
     def __init__(self, kbs: KnowledgeBases):
         self.kbs = kbs
@@ -45,7 +55,7 @@ class KBHandlers:
             kb = self.kbs.create(name)
         except KnowledgeBaseError as exc:
             raise gr.Error(str(exc)) from exc
-        return (gr.update(choices=self.choices(kb), value=kb), *self.view(kb), f"✅ 已新建知识库 {kb}", "")
+        return (gr.update(choices=self.choices(kb), value=kb), *self.view(kb), f"✓ 已新建知识库 {kb}", "")
 
     def upload(self, kb: str, files: list[str] | None, progress=gr.Progress(track_tqdm=True)):
         """Check and index uploaded files. Returns (*view, status, cleared upload box)."""
@@ -58,20 +68,24 @@ class KBHandlers:
                 self.kbs.check_upload(path)
                 accepted.append(path)
             except UploadError as exc:
-                lines.append(f"❌ {exc}")
+                lines.append(f"✕ {exc}")
         if accepted:
             progress(0, desc=f"正在索引 {len(accepted)} 个文件…")
             try:
                 report = self.kbs.ingest(kb, accepted)
             except Exception as exc:  # a bad KB (e.g. other embedder) must not kill the session
                 log.exception("ingest failed")
-                lines.append(f"❌ 导入失败：{exc}")
+                lines.append(f"✕ 导入失败：{exc}")
             else:
                 done = report.added + report.updated
-                lines.insert(0, f"✅ 已导入 {len(done)} 个文件：{'、'.join(done)}" if done
-                             else "ℹ️ 没有新内容（文件未变化）")
+                if done:
+                    lines.insert(0, f"✓ 已导入 {len(done)} 个文件：{'、'.join(done)}")
+                elif not report.failed:
+                    lines.insert(0, "没有新内容（文件未变化）")
+                lines += [f"✕ {message}" for _, message in report.failed]  # unreadable, no text, ...
                 lines.append("```\n" + report.summary() + "\n```")
-        if any(line.startswith("❌") for line in lines):
+        _forget_uploads(files)
+        if any(line.startswith("✕") for line in lines):
             gr.Warning("部分文件没有导入，详见知识库面板")
         return (*self.view(kb), "\n\n".join(lines), None)
 
@@ -83,7 +97,7 @@ class KBHandlers:
         except KnowledgeBaseError as exc:
             raise gr.Error(str(exc)) from exc
         removed = [d for d in doc_ids if d not in missing]
-        status = f"🗑️ 已删除 {len(removed)} 个文档：{'、'.join(removed)}（之后的回答不会再引用它们）"
+        status = f"✓ 已删除 {len(removed)} 个文档：{'、'.join(removed)}（之后的回答不会再引用它们）"
         if missing:
             status += f"\n\n未找到：{'、'.join(missing)}"
         return (*self.view(kb), status)
@@ -94,4 +108,4 @@ class KBHandlers:
             generation = self.kbs.reindex(kb)
         except KnowledgeBaseError as exc:
             raise gr.Error(str(exc)) from exc
-        return (*self.view(kb), f"🔁 已重建索引（第 {generation} 代）")
+        return (*self.view(kb), f"✓ 已重建索引（第 {generation} 代）")

@@ -87,7 +87,7 @@ def answer_message(turn: int, result: dict) -> str:
 
 def refusal_message(turn: int, result: dict) -> str:
     """A refusal says so, and still offers the closest passages to look at."""
-    parts = [f'<div class="refusal">🚫 {esc(result["answer"])}</div>']
+    parts = [f'<div class="refusal">{esc(result["answer"])}</div>']
     if result["passages"]:
         items = "".join(
             f'<li><a class="source" href="#cite-{cite_key(turn, "p", p["number"])}">'
@@ -105,7 +105,7 @@ def error_message(message: str) -> str:
 
 
 def _notice(result: dict) -> str:
-    return f'<div class="notice">ℹ️ {esc(result["notice"])}</div>' if result.get("notice") else ""
+    return f'<div class="notice">{esc(result["notice"])}</div>' if result.get("notice") else ""
 
 
 def _clip(text: str, n: int) -> str:
@@ -135,8 +135,8 @@ def source_header(source: dict, doc: tuple[str, str] | None) -> str:
     rows = [("文档", f'{title or source["doc_id"]}'), ("文件", source["doc_id"]),
             ("章节", source["section"] or "—"), ("页码", f'第{source["page"]}页' if source["page"] else "—"),
             ("知识库", source["kb"])]
-    cells = "".join(f"<tr><th>{esc(k)}</th><td>{esc(str(v))}</td></tr>" for k, v in rows)
-    return f'<div class="cite-head"><span class="cite-kind">{kind}</span><table>{cells}</table></div>'
+    items = "".join(f'<div><span class="k">{esc(k)}</span>{esc(str(v))}</div>' for k, v in rows)
+    return f'<div class="cite-head"><span class="cite-kind">{kind}</span><div class="cite-meta">{items}</div></div>'
 
 
 def context_html(source: dict, doc: tuple[str, str] | None) -> str:

@@ -1,0 +1,38 @@
+"""``rag serve``: the web UI (chat with clickable citations, knowledge-base management)."""
+from __future__ import annotations
+
+import os
+import sys
+
+PASSWORD_ENV = "RAG_UI_PASSWORD"
+
+
+def cmd_serve(args) -> int:
+    from rag.cli import _settings
+    from ui.bind import AUTH_USER, check_bind
+
+    settings = _settings(args)
+    if args.llm:
+        settings.llm_backend = args.llm
+    # The environment variable keeps the password out of `ps` output and shell history.
+    password = args.password or os.environ.get(PASSWORD_ENV) or None
+    check_bind(args.host, password)  # before importing gradio: a refusal should be instant
+    from ui.app import create_app
+
+    app = create_app(settings, chat_concurrency=args.concurrency)
+    login = f" · 用户名 {AUTH_USER}，密码已设置" if password else ""
+    print(f"知识库目录 {settings.home} · 默认知识库 {settings.kb} · 回答模型 {settings.llm_backend}{login}",
+          file=sys.stderr)
+    app.launch(host=args.host, port=args.port, password=password)
+    return 0
+
+
+def register(sub, common) -> None:
+    p = sub.add_parser("serve", parents=[common], help="启动网页界面 start the web UI")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="监听地址 (default 127.0.0.1; any other address requires a password)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--password", help=f"访问密码，登录用户名 rag / access password, user name rag (or set {PASSWORD_ENV})")
+    p.add_argument("--llm", choices=["local", "openai", "extractive"], help="默认回答模型 default backend")
+    p.add_argument("--concurrency", type=int, default=8, help="同时生成的回答数 answers computed at once")
+    p.set_defaults(func=cmd_serve)
