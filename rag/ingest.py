@@ -58,7 +58,11 @@ class IngestReport:
 
 def open_kb_for_writing(settings: Settings, embedder) -> KnowledgeBase:
     kb = KnowledgeBase(settings.kb_dir, create=True)
-    kb.check_embedder(embedder.model_id, embedder.dim)
+    try:
+        kb.check_embedder(embedder.model_id, embedder.dim)
+    except BaseException:
+        kb.close()
+        raise
     return kb
 
 
@@ -111,15 +115,17 @@ class Ingestor:
                     report.failed.append((doc.source, f"{doc.doc_id}: 没有可索引的文字 / nothing to index"))
                     continue
                 hashes = [c.content_hash(doc.title) for c in chunks]
-                prepared.append((doc, chunks, hashes))
+                # tokenised here, not inside the transaction: the write lock is held briefly
+                lexical = [tokenizer.tokenize(c.indexed_text(doc.title)) for c in chunks]
+                prepared.append((doc, chunks, hashes, lexical))
             self._embed_missing(kb, prepared, report, progress)
-            seen = {doc.doc_id for doc in docs} | {p for p, _ in report.failed}
+            # unchanged documents were found too: prune must keep them
+            seen = {doc.doc_id for doc in docs} | set(report.unchanged) | {p for p, _ in report.failed}
             with kb.transaction() as tx:
                 if user_words != json.loads(kb.meta("user_words", "[]")):
                     kb._set_meta("user_words", json.dumps(user_words, ensure_ascii=False))
                     tx.changed = True
-                for doc, chunks, hashes in prepared:
-                    lexical = [tokenizer.tokenize(c.indexed_text(doc.title)) for c in chunks]
+                for doc, chunks, hashes, lexical in prepared:
                     tx.put_document(doc, chunks, hashes, lexical)
                     report.chunks += len(chunks)
                 if prune:
@@ -164,7 +170,7 @@ class Ingestor:
 
     def _embed_missing(self, kb: KnowledgeBase, prepared, report: IngestReport, progress: bool) -> None:
         texts: dict[str, str] = {}
-        for doc, chunks, hashes in prepared:
+        for doc, chunks, hashes, _ in prepared:
             for chunk, h in zip(chunks, hashes):
                 texts.setdefault(h, chunk.indexed_text(doc.title))
         cached = kb.cached_vectors(list(texts))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import re
 import unicodedata
+from functools import lru_cache
 from pathlib import Path
 
 import jieba
@@ -22,6 +23,22 @@ _CODE = re.compile(r"[a-z0-9]+(?:[-_./:][a-z0-9]+)+|[a-z]+\d+[a-z0-9]*|\d+(?:\.\
 _CJK_RUN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]+")
 _WORDLIKE = re.compile(r"\w", re.UNICODE)
 jieba.setLogLevel(logging.WARNING)
+
+
+@lru_cache(maxsize=1)
+def _base_dictionary() -> tuple[dict[str, int], int]:
+    """jieba's main dictionary, loaded once per process (loading takes ~2 s)."""
+    tokenizer = jieba.Tokenizer()
+    tokenizer.initialize()
+    return tokenizer.FREQ, tokenizer.total
+
+
+def _new_jieba() -> jieba.Tokenizer:
+    """A jieba instance with its own copy of the dictionary, so added words stay local."""
+    freq, total = _base_dictionary()
+    tokenizer = jieba.Tokenizer()
+    tokenizer.FREQ, tokenizer.total, tokenizer.initialized = dict(freq), total, True
+    return tokenizer
 
 
 class LexicalTokenizer:
@@ -36,8 +53,7 @@ class LexicalTokenizer:
         import opencc
 
         self._t2s = opencc.OpenCC("t2s")
-        self._jieba = jieba.Tokenizer()  # own instance: no shared global dictionary
-        self._jieba.initialize()
+        self._jieba = _new_jieba()
         if user_dict:
             self._jieba.load_userdict(str(user_dict))
         self.bigrams = bigrams

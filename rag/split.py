@@ -16,7 +16,9 @@ from rag.clean import CleanText, is_heading_line
 from rag.load import RawDocument
 from rag.tokens import count_tokens
 
-_SENTENCE = re.compile(r"[^。！？!?；;…\n]*(?:[。！？!?；;…]+[”」』）)]*|\n+|$)")
+# A sentence ends at Chinese/Latin end punctuation (closing quotes included), a Latin
+# full stop followed by a space (not the one in "3.1亿"), or a line break.
+_SENTENCE = re.compile(r"(?:[^。！？!?；;…\n.]|\.(?!\s))*(?:[。！？!?；;…]+[”」』）)]*|\.+(?=\s)|\n+|$)")
 _MD_HEADING = re.compile(r"^(#{1,6})\s*(.+)$")
 # "宁波:…", "湖州：…" — a place or topic name followed by a colon starts a section.
 _NAMED_SECTION = re.compile(r"^[\u4e00-\u9fff]{2,6}[:：]")

@@ -142,9 +142,10 @@ class KnowledgeBase:
             with self._write():
                 self._set_meta("embedder", embedder_id)
                 self._set_meta("dim", str(dim))
-        elif known != embedder_id:
+        elif known != embedder_id or self.meta("dim") != str(dim):
             raise KnowledgeBaseError(
-                f"知识库 {self.path.name} 由嵌入模型 {known} 建立，不能混用 {embedder_id}；请新建知识库或用原模型。"
+                f"知识库 {self.path.name} 由嵌入模型 {known}（{self.meta('dim')} 维）建立，不能混用 {embedder_id}"
+                f"（{dim} 维）；请新建知识库或用原模型。"
                 f" / KB {self.path.name} was built with {known}; refusing to mix in {embedder_id}."
             )
 

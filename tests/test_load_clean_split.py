@@ -7,16 +7,14 @@ ingest (and the real CLI) next to good ones.
 from __future__ import annotations
 
 import json
-import os
 import random
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import PROJECT_ROOT, SEEDS_DIR, without_space
+from conftest import SEEDS_DIR, rag_command, rag_env, without_space
 from rag.clean import clean_text
 from rag.ingest import Ingestor
 from rag.load import LoadError, RawDocument, decode_bytes, load_file
@@ -307,22 +305,20 @@ def test_bad_files_are_reported_and_good_files_indexed(tmp_path, settings_factor
 def test_cli_ingest_exit_status_is_1_with_bad_files(tmp_path):
     folder = tmp_path / "docs"
     bad = _bad_and_good_files(folder, None)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", RAG_MAX_FILE_MB="0.1")
-    run = subprocess.run(
-        [sys.executable, "-m", "rag", "ingest", str(folder), "--home", str(tmp_path / "index"), "--kb", "cli", "-q"],
-        cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    env = rag_env(RAG_MAX_FILE_MB="0.1")
+    where = ["--home", tmp_path / "index", "--kb", "cli"]
+    run = subprocess.run(rag_command("ingest", folder, *where, "-q"),
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 1, run.stdout + run.stderr
     for name in bad:
         assert name in run.stdout, run.stdout
-    listing = subprocess.run(
-        [sys.executable, "-m", "rag", "list", "--home", str(tmp_path / "index"), "--kb", "cli", "--json"],
-        cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=120)
+    listing = subprocess.run(rag_command("list", *where, "--json"),
+                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert listing.returncode == 0, listing.stderr
     assert {d["doc_id"] for d in json.loads(listing.stdout)} == {
         "docs/good-utf8.txt", "docs/good-big5.txt", "docs/good.md", "docs/good.docx", "docs/good.html", "faq-1"}
-    ok = subprocess.run(
-        [sys.executable, "-m", "rag", "ingest", str(folder / "good.md"), "--home", str(tmp_path / "index"),
-         "--kb", "cli", "-q"], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    ok = subprocess.run(rag_command("ingest", folder / "good.md", *where, "-q"),
+                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert ok.returncode == 0, ok.stdout + ok.stderr
 
 
@@ -443,3 +439,13 @@ def test_seed_documents_split_cleanly():
         for c in chunks:  # a named section ("宁波:…") only ever starts a chunk
             for line in c.text.split("\n\n")[1:]:
                 assert not (line.startswith(("宁波:", "杭州:", "温州:")) and len(line) < 40), c.text[:60]
+
+
+def test_english_paragraph_is_cut_between_sentences():
+    text = " ".join(f"Sentence {i} explains how the offline assistant cites version 3.1 sources." for i in range(60))
+    doc = RawDocument("en.txt", "", text, "en.txt")
+    chunks = split_document(doc, clean_text(text), chunk_tokens=100, overlap_tokens=20)
+    _check_chunks(doc, chunks, 100)
+    assert len(chunks) >= 6
+    for c in chunks:
+        assert c.text.startswith("Sentence ") and c.text.endswith("sources."), c.text
