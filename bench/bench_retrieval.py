@@ -100,8 +100,12 @@ def cache_rankings(searcher, questions, path: Path, identity: dict) -> None:
                 continue
             d_ids, d_scores = searcher.dense_ranking(q.question, CANDIDATES)
             b_ids, b_scores = searcher.bm25_ranking(q.question, CANDIDATES)
+            chunks = searcher.kb.chunks(list(set(d_ids) | set(b_ids)))
+            # (doc_id, start, end) of every candidate: the cache stays valid after a re-split
+            spans = {str(cid): [c.doc_id, c.start, c.end] for cid, c in chunks.items()}
             fh.write(json.dumps({"id": q.id, "dense": d_ids, "dense_scores": [round(s, 5) for s in d_scores],
-                                 "bm25": b_ids, "bm25_scores": [round(s, 4) for s in b_scores]}) + "\n")
+                                 "bm25": b_ids, "bm25_scores": [round(s, 4) for s in b_scores],
+                                 "chunks": spans}, ensure_ascii=False) + "\n")
 
 
 def bench_set(name: str, settings: Settings, embedder, limit: int | None, progress: bool) -> dict:

@@ -252,3 +252,35 @@ def history_messages(history: list[dict]):
     """OpenAI-style history → LangChain messages (for callers that need them)."""
     kinds = {"user": HumanMessage, "assistant": AIMessage, "system": SystemMessage}
     return [kinds[m["role"]](content=m["content"]) for m in history if m.get("role") in kinds]
+
+
+def make_answer_fn(settings: Settings, backend: str | None = None, searcher: Searcher | None = None):
+    """``question -> dict`` for ``rag eval``: the answer, refusal flag, citations with their passage
+    text (so the evaluator can check them against gold answers), the model's own citation count
+    before verification, and timings."""
+    answerer = Answerer(settings, searcher)
+
+    def answer(question: str) -> dict:
+        raw = {"text": ""}
+        result = None
+        for event in answerer.stream(question, backend=backend):
+            if event["type"] == "token":
+                raw["text"] += event["text"]
+            elif event["type"] == "final":
+                result = event["result"]
+        passages = {p["number"]: p["text"] for p in result.passages}
+        return {
+            "answer": result.answer,
+            "raw_answer": raw["text"],
+            "refused": result.refused,
+            "backend": result.backend,
+            "notice": result.notice,
+            "query": result.query,
+            "citations": [{"number": c.number, "doc_id": c.doc_id, "quote": c.quote,
+                           "passage": passages.get(c.number, "")} for c in result.citations],
+            "sentences": len(result.sentences),
+            "unsupported_sentences": result.unsupported_sentences,
+            "timings": result.timings,
+        }
+
+    return answer

@@ -66,14 +66,17 @@ def cmd_list(args) -> int:
     from rag.store import KnowledgeBase
 
     kb = KnowledgeBase(_settings(args).kb_dir)
-    docs = kb.documents()
-    if args.json:
-        print(json.dumps([d.__dict__ for d in docs], ensure_ascii=False, indent=2))
+    try:
+        docs = kb.documents()
+        if args.json:
+            print(json.dumps([d.__dict__ for d in docs], ensure_ascii=False, indent=2))
+            return 0
+        print(f"知识库 {kb.path} · 模型 {kb.embedder_id} · {len(docs)} 个文档 · {kb.chunk_count()} 个片段")
+        for d in docs:
+            print(f"{d.chunks:6d}  {d.doc_id}  {d.title}")
         return 0
-    print(f"知识库 {kb.path} · 模型 {kb.embedder_id} · {len(docs)} 个文档 · {kb.chunk_count()} 个片段")
-    for d in docs:
-        print(f"{d.chunks:6d}  {d.doc_id}  {d.title}")
-    return 0
+    finally:
+        kb.close()
 
 
 def cmd_remove(args) -> int:

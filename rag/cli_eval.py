@@ -102,7 +102,7 @@ def cmd_eval(args) -> int:
 def register(sub, common) -> None:
     """Add ``rag eval`` to the CLI (called by ``rag.cli.build_parser``)."""
     p = sub.add_parser("eval", parents=[common], help="评测检索/回答 evaluate retrieval (and answers)",
-                       description=__doc__.split("\n\n")[0])
+                       description="评测检索（及回答） evaluate retrieval (and answers) on a question set; exit 1 when --fail-under is missed")
     p.add_argument("questions", help="问题 JSONL: gold_ids/gold_groups or gold_docs/gold_quotes")
     p.add_argument("--corpus", help="语料 corpus .jsonl (or folder): build/reuse an eval KB instead of --kb")
     p.add_argument("--retrieval-only", action="store_true", help="只评测检索 skip the answer step")

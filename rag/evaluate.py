@@ -434,11 +434,16 @@ def run_eval(questions_path: Path, settings: Settings, out: Path, *, k: int = 5,
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         log_path, run_path = out / "log.jsonl", out / "run.json"
-        identity = {key: config[key] for key in ("kb", "embedder", "mode", "kb_generation", "answers", "questions")}
+        identity = {key: config[key] for key in ("kb", "embedder", "mode", "answers", "questions")}
         if fresh:
             log_path.unlink(missing_ok=True)
         elif run_path.exists() and log_path.exists():
-            before = json.loads(run_path.read_text(encoding="utf-8")).get("identity")
+            earlier = json.loads(run_path.read_text(encoding="utf-8"))
+            before = earlier.get("identity")
+            if earlier.get("config", {}).get("kb_generation") not in (None, config["kb_generation"]):
+                print(f"注意：知识库 {settings.kb} 在上次运行后有变化 / note: the KB changed since the earlier part "
+                      f"of this run (generation {earlier['config']['kb_generation']} → {config['kb_generation']});"
+                      " use --fresh for a clean run", file=sys.stderr)
             if before != identity:
                 changed = sorted(key for key in identity if (before or {}).get(key) != identity[key])
                 raise ValueError(
@@ -623,15 +628,30 @@ def compare_reports(old_path: Path, new_report: dict, new_records: list[dict] | 
     return "\n".join(lines)
 
 
+KNOWN_METRICS = {
+    "retrieval": [f"hit@{k}" for k in KS] + [f"mrr@{DEPTH}", f"recall@{DEPTH}", f"all_groups@{DEPTH}"],
+    "latency": ["retrieve_p50_ms", "retrieve_p95_ms", "answer_p50_ms", "answer_p95_ms"],
+    "answers": ["accuracy", "refusal_on_negative", "false_refusal", "n_answered", "errors",
+                "latency_p50_ms", "latency_p95_ms"],
+}
+
+
 def parse_threshold(spec: str) -> tuple[str, float]:
-    """``retrieval.hit@5=0.9`` or ``hit@5=0.9`` → (metric, value)."""
+    """``retrieval.hit@5=0.9`` or ``hit@5=0.9`` → (metric, value); unknown metric names
+    are refused here, before a long run."""
     metric, sep, value = spec.partition("=")
-    if not sep or not metric.strip():
+    metric = metric.strip()
+    if not sep or not metric:
         raise ValueError(f"--fail-under expects METRIC=VALUE, got {spec!r}")
     try:
-        return metric.strip(), float(value)
+        floor = float(value)
     except ValueError:
         raise ValueError(f"--fail-under: not a number in {spec!r}") from None
+    section, _, key = metric.rpartition(".")
+    if key not in (KNOWN_METRICS.get(section, []) if section else sum(KNOWN_METRICS.values(), [])):
+        known = ", ".join(f"{s}.{k}" for s, keys in KNOWN_METRICS.items() for k in keys)
+        raise ValueError(f"--fail-under: unknown metric {metric!r} (known: {known})")
+    return metric, floor
 
 
 def metric_value(report: dict, metric: str) -> float | None:
@@ -654,7 +674,7 @@ def check_thresholds(report: dict, specs: Iterable[str]) -> list[str]:
         value = metric_value(report, metric)
         if value is None:
             known = ", ".join(_flatten(report)) or "none"
-            raise ValueError(f"--fail-under: unknown metric {metric!r} (known: {known})")
+            raise ValueError(f"--fail-under: {metric!r} is not in this report (it has: {known})")
         if value < floor:
             failures.append(f"{metric} = {value:.4f} < {floor}")
     return failures
