@@ -73,13 +73,12 @@ class Searcher:
         self.settings = settings
         self.kb = KnowledgeBase(settings.kb_dir)
         self.embedder = embedder or make_embedder(settings.embedder, settings.threads, settings.embed_batch_size)
-        known_dim = int(self.kb.meta("dim", "0") or 0)
-        if self.kb.embedder_id and (self.kb.embedder_id != self.embedder.model_id
-                                    or (known_dim and known_dim != self.embedder.dim)):
+        known, known_dim = self.kb.embedder_id, int(self.kb.meta("dim", "0") or 0)
+        if known and (known != self.embedder.model_id or (known_dim and known_dim != self.embedder.dim)):
             self.kb.close()
             raise KnowledgeBaseError(
-                f"知识库由 {self.kb.embedder_id} 建立，当前嵌入模型是 {self.embedder.model_id} / "
-                f"KB built with {self.kb.embedder_id}, current embedder is {self.embedder.model_id}"
+                f"知识库由 {known} 建立，当前嵌入模型是 {self.embedder.model_id} / "
+                f"KB built with {known}, current embedder is {self.embedder.model_id}"
             )
         self.tokenizer = tokenizer_for(self.kb, settings)
         self.bm25_weight = bm25_weight
