@@ -226,11 +226,17 @@ class Answerer:
         result = AnswerResult(question, query, REFUSAL if refused else text, backend=backend, notice=notice,
                               passages=passages, refused=refused)
         if not refused:
-            check = verify(text, [h.chunk.text for h in hits])
-            result.answer = check.answer
-            result.sentences = [asdict(s) for s in check.sentences]
-            result.unsupported_sentences = check.unsupported
-            result.citations = self.citations_for(check.used_numbers, check.sentences, hits)
+            check = verify(text, [h.chunk.text for h in hits], question=query)
+            if not check.used_numbers:
+                # Not one sentence is supported by the passages: an invented answer is worse than none.
+                result.answer, result.refused = REFUSAL, True
+                result.sentences = [asdict(s) for s in check.sentences]
+                result.notice = result.notice or f"回答没有资料支持，已拒答 / unsupported answer withheld: {text.strip()[:200]}"
+            else:
+                result.answer = check.answer
+                result.sentences = [asdict(s) for s in check.sentences]
+                result.unsupported_sentences = check.unsupported
+                result.citations = self.citations_for(check.used_numbers, check.sentences, hits)
         timings["total"] = (time.perf_counter() - started) * 1000
         result.timings = timings
         yield {"type": "final", "result": result}

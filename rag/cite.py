@@ -34,15 +34,21 @@ def bigrams(text: str) -> set[str]:
     return {t[i:i + 2] for i in range(len(t) - 1) if not (t[i] in _FILLER and t[i + 1] in _FILLER)}
 
 
-def support_score(sentence: str, passage: str) -> float:
+def support_score(sentence: str, passage: str, question: str = "") -> float:
     """Share of the sentence's bigrams found in the passage; 0 when a number of the
-    sentence is missing from the passage (a wrong number is never "supported")."""
+    sentence is missing from the passage (a wrong number is never "supported").
+
+    Bigrams the sentence merely repeats from the ``question`` do not count: an answer
+    that echoes the question and adds an invented name must not pass on the echo.
+    """
     clean = MARKER.sub("", sentence)
     numbers = _NUMBER.findall(unicodedata.normalize("NFKC", clean))
     passage_norm = unicodedata.normalize("NFKC", passage)
     if any(not re.search(rf"(?<![\d.]){re.escape(n)}(?!\d)", passage_norm) for n in numbers):
         return 0.0
     grams = bigrams(clean)
+    novel = grams - bigrams(question)
+    grams = novel or grams  # a sentence that only restates the question is judged as a whole
     if not grams:
         return 0.0
     return len(grams & bigrams(passage)) / len(grams)
@@ -109,20 +115,21 @@ class Verification:
         return asdict(self)
 
 
-def verify(answer: str, passages: list[str], threshold: float = SUPPORT_THRESHOLD) -> Verification:
+def verify(answer: str, passages: list[str], threshold: float = SUPPORT_THRESHOLD, question: str = "") -> Verification:
     """Verify and repair the ``[n]`` citations of ``answer`` against ``passages`` (``[1]`` = passages[0]).
 
     Args:
         answer: the model's answer with its markers.
         passages: the numbered passage texts shown to the model.
         threshold: minimum support score to keep or attach a citation.
+        question: the question answered; what the answer only repeats from it is not evidence.
     """
     checks: list[SentenceCheck] = []
     rebuilt: list[str] = []
     for sentence in split_sentences(answer):
         claimed = sorted({int(n) for m in MARKER.finditer(sentence) for n in re.split(r"[,，、\s]+", m.group(1)) if n})
         body = MARKER.sub("", sentence).rstrip()
-        scores = [support_score(body, p) for p in passages]
+        scores = [support_score(body, p, question) for p in passages]
         kept = [n for n in claimed if 1 <= n <= len(passages) and scores[n - 1] >= threshold]
         check = SentenceCheck(body.strip())
         if kept:

@@ -48,7 +48,7 @@ class Settings(BaseSettings):
     # Passage tokens given to the LLM. Prompt reading dominates time-to-first-token on a
     # 2-core CPU (~70-150 tokens/s for the 1.5B model), so the local default packs ~3 passages.
     llm_passage_tokens: int = 900
-    llm_temperature: float = 0.1
+    llm_temperature: float = 0.0  # greedy: the same question gets the same answer
     llm_base_url: str = "http://127.0.0.1:8080/v1"
     llm_api_key: str = "EMPTY"
     llm_model: str = "qwen2.5-coder-1.5b-instruct"
