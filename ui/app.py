@@ -21,6 +21,7 @@ from rag.load import SUPPORTED_SUFFIXES
 from ui.assets import BRIDGE_JS, CSS, SCROLL_TO_FOCUS_JS, theme
 from ui.bind import AUTH_USER, check_bind
 from ui.chat import ChatHandlers
+from ui.eval_panel import EvalHandlers, build_eval_tab
 from ui.kb_panel import DOC_HEADERS, KBHandlers
 from ui.services import KnowledgeBases
 
@@ -47,6 +48,7 @@ class RagApp:
         self._export_dir = tempfile.TemporaryDirectory(prefix="rag-export-")
         self.chat = ChatHandlers(self.kbs, Path(self._export_dir.name))
         self.kb_panel = KBHandlers(self.kbs)
+        self.eval_panel = EvalHandlers(self.kbs, Path(self._export_dir.name))
         self.blocks = self._build()
         self.blocks.queue(default_concurrency_limit=chat_concurrency)
 
@@ -109,6 +111,7 @@ class RagApp:
                             top_k = gr.Slider(1, 10, value=s.top_k, step=1, label="检索段落数 top-k")
                             show_details = gr.Checkbox(label="显示检索详情（改写后的问题、每段的 BM25 与向量分数）",
                                                        elem_id="rag-show-details")
+                        build_eval_tab(self.eval_panel, kb, [backend, base_url, api_key, model])
                 with gr.Column(scale=2, elem_id="rag-side"):
                     gr.Markdown("### 引用原文")
                     citation = gr.HTML(CITATION_HINT, elem_id="rag-citation")

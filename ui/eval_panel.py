@@ -1,0 +1,275 @@
+"""The 评测 tab: run a question set (``rag eval`` formats) from the browser.
+
+Pick a questions ``.jsonl``, search the selected KB or a KB built from an uploaded
+corpus (``ensure_corpus_kb``), watch a progress bar, then read the metrics, the
+hit@k plot and ``report.md``; clicking a worst miss shows what was retrieved for it.
+
+Each run writes its own folder ``<home>/_eval_runs/<timestamp>`` (the ``_`` keeps it
+out of the KB list); the folder of a session's last run travels in a ``gr.State``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import gradio as gr
+
+from rag.evaluate import DEPTH, ensure_corpus_kb, load_questions, run_eval, worst_misses
+from rag.store import KnowledgeBaseError
+from ui.render import esc
+from ui.services import KnowledgeBases, LLMChoice
+
+log = logging.getLogger(__name__)
+
+RUNS_DIR = "_eval_runs"
+SOURCES = [("当前选中的知识库", "current"), ("上传语料 .jsonl（自动建立或复用评测知识库）", "corpus")]
+MODES = [("混合检索 hybrid", "hybrid"), ("向量检索 dense", "dense"), ("关键词检索 BM25", "bm25")]
+METRIC_HEADERS = ["指标", "数值"]
+MISS_HEADERS = ["编号", "问题", "标准答案", "首个命中名次", f"recall@{DEPTH}"]
+MISSES_SHOWN = 20
+MISS_HINT = '<div class="muted">点击上表中的一行，在这里查看该问题检索到的段落和标准答案。</div>'
+REPORT_FILES = ("report.json", "report.md", "hit_at_k.png")
+_METRIC_NAMES = {  # report.json keys → what a Chinese reader sees; the key stays for cross-reference
+    f"mrr@{DEPTH}": "平均倒数排名", f"recall@{DEPTH}": "召回率", f"all_groups@{DEPTH}": "证据组全部命中",
+    "retrieve_p50_ms": "检索延迟 p50（毫秒）", "retrieve_p95_ms": "检索延迟 p95（毫秒）",
+    "answer_p50_ms": "回答延迟 p50（毫秒）", "answer_p95_ms": "回答延迟 p95（毫秒）",
+    "accuracy": "回答正确率", "refusal_on_negative": "无答案题的拒答率", "false_refusal": "有答案题的误拒率",
+    "n_answered": "回答题数", "errors": "回答出错数",
+    "latency_p50_ms": "回答耗时 p50（毫秒）", "latency_p95_ms": "回答耗时 p95（毫秒）",
+}
+
+
+def _fmt(value) -> str:
+    return "–" if value is None else (f"{value:.3f}" if isinstance(value, float) else str(value))
+
+
+def metric_rows(report: dict) -> list[list[str]]:
+    """The metrics table: question counts, retrieval, latency, answers (when run)."""
+    rows = [["问题数", str(report["n"])], ["无答案题（不计入检索指标）", str(report["n_negative"])]]
+    for section, prefix in (("retrieval", ""), ("latency", ""), ("answers", "回答 ")):
+        for key, value in (report.get(section) or {}).items():
+            if section == "answers" and key.startswith("latency"):
+                continue  # already listed as answer_p50/p95 under latency
+            name = _METRIC_NAMES.get(key) or (f"前 {key.split('@')[1]} 段命中率" if key.startswith("hit@") else key)
+            rows.append([f"{prefix}{name} · {key}", _fmt(value)])
+    return rows
+
+
+def miss_rows(records: list[dict]) -> list[list]:
+    return [[r["id"], r["question"], r["gold"], r.get("first_relevant_rank") or f">{DEPTH}",
+             _fmt(r["metrics"].get(f"recall@{DEPTH}"))] for r in worst_misses(records, MISSES_SHOWN)]
+
+
+def read_records(run_dir: Path) -> list[dict]:
+    """The per-question log of a finished run (a fresh folder: every line is whole)."""
+    path = Path(run_dir) / "log.jsonl"
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _answer_fn(answerer, backend: str, k: int):
+    """``question -> dict`` over the app's shared ``Answerer``: the loaded LLM (and its lock)
+    is the chat's one, not a second copy as ``make_answer_fn`` would load."""
+
+    def answer(question: str) -> dict:
+        result = answerer.ask(question, backend=backend, k=k).to_dict()
+        # passages and per-sentence checks would make every log line kilobytes long
+        return {key: result[key] for key in ("answer", "refused", "backend", "notice", "query", "citations",
+                                             "unsupported_sentences", "timings")}
+
+    return answer
+
+
+class EvalHandlers:
+    """Callbacks of the 评测 tab.
+
+    Args:
+        kbs: the app's knowledge bases (searchers, embedder, chat models are shared).
+        export_dir: where report copies are served from; Gradio only serves files from
+            the working or temp directory, and ``settings.home`` may be neither.
+    """
+
+    def __init__(self, kbs: KnowledgeBases, export_dir: Path):
+        self.kbs = kbs
+        self.export_dir = Path(export_dir)
+
+    @property
+    def runs_root(self) -> Path:
+        return self.kbs.home / RUNS_DIR
+
+    def _new_run_dir(self) -> Path:
+        stamp = time.strftime("%Y%m%d-%H%M%S") + f"-{time.time_ns() // 1_000_000 % 1000:03d}"
+        run_dir = self.runs_root / stamp
+        run_dir.mkdir(parents=True)  # exist_ok=False: two runs never share a log
+        return run_dir
+
+    def _target(self, source: str, kb: str, corpus_file: str | None) -> tuple[str, dict]:
+        """(KB name to search, extra report config); builds the corpus KB when asked."""
+        if source != "corpus":
+            kb = self.kbs.check_name(kb)
+            if not self.kbs.exists(kb):
+                raise KnowledgeBaseError(f"知识库不存在：{kb}（请先在“知识库”页上传文件）")
+            return kb, {}
+        if not corpus_file:
+            raise gr.Error("请上传语料 .jsonl，或改选“当前选中的知识库”")
+        corpus = Path(corpus_file)
+        if corpus.suffix.lower() != ".jsonl":
+            raise gr.Error(f"{corpus.name}：语料须为 .jsonl（每行 {{\"id\", \"title\", \"text\"}}）")
+        # The name comes from the file, not Gradio's cache folder; short enough for a KB name.
+        _, info = ensure_corpus_kb(corpus, self.kbs.settings, self.kbs.embedder(), name=corpus.stem[:40],
+                                   progress=True, log=log.info)
+        return info["kb"], {"corpus": corpus.name}
+
+    def run(self, questions_file: str | None, source: str, kb: str, corpus_file: str | None,
+            retrieval_only: bool, mode: str, k: float, limit: float | None, backend: str, base_url: str,
+            api_key: str, model: str, progress=gr.Progress(track_tqdm=True)):
+        """Evaluate; returns (status, metrics, plot, report.md, downloads, misses, run folder, miss detail)."""
+        if not questions_file:
+            raise gr.Error("请先上传问题文件（.jsonl）")
+        k, limit = int(k), int(limit or 0) or None
+        try:  # a malformed file fails here, before any KB is built
+            n_questions = len(load_questions(Path(questions_file), limit))
+        except (ValueError, KeyError) as exc:
+            raise gr.Error(f"问题文件有误：{exc}") from exc
+        if not n_questions:
+            raise gr.Error("问题文件中没有问题")
+        started = time.perf_counter()
+        progress(0, desc="正在准备知识库…")
+        try:
+            kb, extra = self._target(source, kb, corpus_file)
+            searcher = self.kbs.searcher(kb)
+            answer_fn = None
+            if not retrieval_only:
+                choice = LLMChoice(backend or "extractive", (base_url or "").strip(), (api_key or "").strip(),
+                                   (model or "").strip())
+                progress(0, desc="正在加载回答模型…")
+                answerer = self.kbs.answerer(kb, choice)
+                if choice.backend != "extractive":  # fail now, not as a silent extractive fallback per question
+                    answerer.chat_model(choice.backend)
+                answer_fn = _answer_fn(answerer, choice.backend, k)
+        except (KnowledgeBaseError, RuntimeError, OSError, ValueError) as exc:
+            raise gr.Error(str(exc)) from exc
+        run_dir = self._new_run_dir()
+        # A copy next to the log: the run stays readable after Gradio clears its upload cache.
+        questions = run_dir / "input" / Path(questions_file).name
+        questions.parent.mkdir()
+        shutil.copyfile(questions_file, questions)
+        progress(0, desc=f"正在评测 {n_questions} 个问题…")
+        report = run_eval(questions, self.kbs.settings_for(kb), run_dir, k=k, mode=mode or "hybrid", limit=limit,
+                          answer_fn=answer_fn, searcher=searcher, progress=True, extra_config=extra)
+        records = read_records(run_dir)
+        status = self._status(report, records, kb, run_dir, time.perf_counter() - started)
+        served = self.export_dir / "eval" / run_dir.name
+        served.mkdir(parents=True, exist_ok=True)
+        for name in REPORT_FILES:
+            shutil.copyfile(run_dir / name, served / name)
+        return (status, metric_rows(report), str(served / "hit_at_k.png"),
+                (run_dir / "report.md").read_text(encoding="utf-8"),
+                [str(served / "report.json"), str(served / "report.md")],
+                miss_rows(records), str(run_dir), MISS_HINT)
+
+    @staticmethod
+    def _status(report: dict, records: list[dict], kb: str, run_dir: Path, seconds: float) -> str:
+        r = report["retrieval"]
+        lines = [f"✓ 评测完成：{report['n']} 个问题（{report['n_negative']} 个无答案）· 知识库 **{kb}** · "
+                 f"用时 {seconds:.1f} 秒",
+                 f"hit@1 {_fmt(r.get('hit@1'))} · hit@5 {_fmt(r.get('hit@5'))} · MRR {_fmt(r.get(f'mrr@{DEPTH}'))}",
+                 f"结果保存在 `{run_dir}`"]
+        if r.get(f"hit@{DEPTH}") == 0:
+            lines.append(f"⚠ 没有一个问题在前 {DEPTH} 段中找到标准答案：问题集是否对应这个知识库？")
+            gr.Warning("没有命中任何标准答案，请检查问题集与知识库是否对应")
+        answers = [rec["answer"] for rec in records if "answer" in rec]
+        fallback = [a for a in answers if a.get("notice") and "error" not in a]
+        if fallback:  # the LLM failed mid-run: these answers are extractive, not the chosen model's
+            lines.append(f"⚠ {len(fallback)} 个回答没有用所选模型：{fallback[0]['notice'][:120]}")
+        return "\n\n".join(lines)
+
+    # ------------------------------------------------------------ one miss
+    def show_miss(self, run_dir: str | None, evt: gr.SelectData) -> str:
+        """A click in the misses table: the row's first cell is the question id."""
+        row = evt.row_value or []
+        return self.miss_details(run_dir, str(row[0])) if row and run_dir else MISS_HINT
+
+    def miss_details(self, run_dir: str | Path, question_id: str) -> str:
+        """HTML: the question, its gold, and every retrieved passage in full, gold ones marked."""
+        run_dir = Path(run_dir).resolve()
+        if not run_dir.is_relative_to(self.runs_root.resolve()):  # the path came from a session state
+            raise gr.Error("评测结果不存在")
+        record = next((r for r in read_records(run_dir) if r["id"] == question_id), None)
+        if record is None:
+            return f'<div class="muted">没有找到问题 {esc(question_id)}</div>'
+        kb = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))["config"]["kb"]
+        texts: dict[str, str] = {}
+        items = []
+        for rank, hit in enumerate(record["retrieved"], 1):
+            doc_id = hit["doc_id"]
+            if doc_id not in texts:
+                found = self.kbs.document_text(kb, doc_id)
+                texts[doc_id] = found[1] if found else ""
+            # The log keeps an 80-character snippet; the KB has the whole passage (unless deleted since).
+            text = texts[doc_id][hit["start"]:hit["end"]] or hit["snippet"]
+            ranks = " / ".join(f"{name}第 {hit[key]} 名" for name, key in (("向量", "dense_rank"), ("BM25 ", "bm25_rank"))
+                               if hit.get(key))
+            gold = '<b style="color:#15803d">✓ 含标准答案</b> · ' if hit["gold"] else ""
+            items.append(f'<li style="margin-bottom:8px"><div class="cite-meta">{gold}<b>{esc(doc_id)}</b> '
+                         f'[{hit["start"]}:{hit["end"]}] · 分数 {hit["score"]:.4f}{" · " + ranks if ranks else ""}</div>'
+                         f'<div class="passage" style="padding:4px 8px">{esc(text)}</div></li>')
+        first = record.get("first_relevant_rank")
+        head = (f'<div><b>{esc(record["id"])}</b> {esc(record["question"])}</div>'
+                f'<div class="cite-meta">标准答案：{esc(record["gold"])} · 首个命中名次：{first or f"前 {DEPTH} 段未命中"}</div>')
+        answer = record.get("answer")
+        if answer:
+            verdict = {True: "正确", False: "错误"}.get(answer.get("correct"), "拒答" if answer.get("refused") else "")
+            head += (f'<div class="cite-meta">回答（{esc(verdict or "未判定")}）：'
+                     f'{esc(answer.get("answer") or answer.get("error") or "")}</div>')
+        body = f"<ol>{''.join(items)}</ol>" if items else '<div class="muted">没有检索到段落</div>'
+        return f'<div class="eval-miss">{head}<div class="cite-meta">检索到的段落：</div>{body}</div>'
+
+
+def build_eval_tab(handlers: EvalHandlers, kb: gr.Dropdown, llm: list[gr.components.Component]) -> None:
+    """The 评测 tab, wired to ``handlers``.
+
+    Args:
+        kb: the app's KB picker (the "current KB" choice searches it).
+        llm: the settings tab's (backend, base URL, API key, model): answers are
+            evaluated with the model the user configured there.
+    """
+    s = handlers.kbs.settings
+    with gr.Tab("评测", id="eval"):
+        gr.Markdown("上传问题集（`.jsonl`，每行一个问题：`gold_ids` 或 `gold_docs` + `gold_quotes`，"
+                    "格式见 eval/README.md），评测检索（可选：回答）的质量。")
+        with gr.Row():
+            questions = gr.File(label="问题集 .jsonl", file_types=[".jsonl"], type="filepath",
+                                elem_id="rag-eval-questions")
+            corpus = gr.File(label="语料 .jsonl（选“上传语料”时使用）", file_types=[".jsonl"], type="filepath",
+                             elem_id="rag-eval-corpus")
+        source = gr.Radio(SOURCES, value="current", label="在哪个知识库上评测", elem_id="rag-eval-source")
+        with gr.Row():
+            retrieval_only = gr.Checkbox(value=True, label="只评测检索",
+                                         info="取消勾选则同时评测回答，回答模型用“设置”页中的选择")
+            mode = gr.Radio(MODES, value="hybrid", label="检索方式")
+        with gr.Row():
+            k = gr.Slider(1, 10, value=s.top_k, step=1, label="交给回答的段落数 k（检索指标总看前 10 段）")
+            limit = gr.Number(value=0, precision=0, minimum=0, label="只评测前 N 个问题（0 = 全部）")
+        start = gr.Button("开始评测", variant="primary", elem_id="rag-eval-run")
+        status = gr.Markdown(elem_id="rag-eval-status")
+        with gr.Row(equal_height=False):
+            metrics = gr.Dataframe(headers=METRIC_HEADERS, interactive=False, wrap=True, label="指标",
+                                   elem_id="rag-eval-metrics")
+            plot = gr.Image(type="filepath", interactive=False, label="hit@k 曲线", elem_id="rag-eval-plot")
+        files = gr.File(label="下载报告", file_count="multiple", interactive=False, elem_id="rag-eval-files")
+        gr.Markdown("#### 最差的问题（点击一行查看检索到的段落）")
+        misses = gr.Dataframe(headers=MISS_HEADERS, interactive=False, wrap=True, elem_id="rag-eval-misses")
+        detail = gr.HTML(MISS_HINT, elem_id="rag-eval-detail")
+        with gr.Accordion("报告全文 report.md", open=False):
+            report_md = gr.Markdown(elem_id="rag-eval-report")
+        run_dir = gr.State(None)
+
+        # One evaluation at a time: it keeps both cores busy, and two runs must not build
+        # the same corpus KB at once. Chats have their own queue group and keep answering.
+        start.click(handlers.run, [questions, source, kb, corpus, retrieval_only, mode, k, limit, *llm],
+                    [status, metrics, plot, report_md, files, misses, run_dir, detail], api_name="evaluate",
+                    concurrency_id="eval", concurrency_limit=1)
+        misses.select(handlers.show_miss, [run_dir], [detail], api_visibility="private", concurrency_limit=None)
