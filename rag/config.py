@@ -36,6 +36,8 @@ class Settings(BaseSettings):
     # Retrieval
     top_k: int = 5
     candidates: int = 100  # per channel, before fusion
+    fusion: Literal["zscore", "rrf"] = "zscore"  # measured best on the shared sets (README)
+    bm25_weight: float = 0.55  # weight of BM25 in z-score fusion (dense gets 1 - w)
     rrf_k: int = 60
     user_dict: Path | None = None  # jieba user dictionary (one word per line)
     reranker: str | None = None  # sentence-transformers cross-encoder name/path; off by default

@@ -149,11 +149,13 @@ class Judge:
 
     def __init__(self, document_text: Callable[[str], tuple[str, str] | None] | None = None):
         self._document_text = document_text
-        self._squashed: dict[str, str] = {}
+        self._texts: dict[str, str] = {}  # gold documents' original text, read once
 
     def _span(self, doc_id: str, start: int, end: int) -> str:
-        found = self._document_text(doc_id) if self._document_text else None
-        return _squash(found[1][start:end]) if found else ""
+        if doc_id not in self._texts:
+            found = self._document_text(doc_id) if self._document_text else None
+            self._texts[doc_id] = found[1] if found else ""
+        return _squash(self._texts[doc_id][start:end])
 
     def units(self, q: Question, doc_id: str, start: int, end: int) -> frozenset[str]:
         """Gold units (see ``Question.gold_units``) covered by one chunk; empty = not relevant."""
@@ -252,15 +254,20 @@ def ensure_corpus_kb(corpus: Path, settings: Settings, embedder=None, name: str 
             kb.close()
     log(f"建立评测知识库 / building evaluation KB {kb_name} from {corpus}")
     kb_settings.kb_dir.mkdir(parents=True, exist_ok=True)
-    marker.write_text(json.dumps({"corpus": str(corpus), "pipeline": fingerprint, "complete": False}))
+    marker.write_text(json.dumps({"corpus": str(corpus), "pipeline": fingerprint, "complete": False,
+                                  "biggest_build": (previous or {}).get("biggest_build")}))
     report = Ingestor(kb_settings, embedder).ingest([Path(corpus)], prune=True, progress=progress)
     if not report.ok:
         raise RuntimeError("评测语料导入失败 / corpus ingest failed:\n" + report.summary())
+    build = {"embedded": report.embedded, "embed_seconds": round(report.embed_seconds, 3),
+             "seconds": round(report.seconds, 3), "at": time.time()}
+    # the biggest build is kept: it tells the embedding throughput of this corpus
+    biggest = (previous or {}).get("biggest_build")
+    if not biggest or build["embedded"] >= biggest.get("embedded", 0):
+        biggest = build
     marker.write_text(json.dumps({"corpus": str(corpus), "pipeline": fingerprint, "complete": True,
                                   "documents": len(report.added) + len(report.updated) + len(report.unchanged),
-                                  "chunks": report.chunks, "embedded": report.embedded,
-                                  "embed_seconds": round(report.embed_seconds, 3),
-                                  "seconds": round(report.seconds, 3), "built_at": time.time()}))
+                                  "chunks": report.chunks, "last_build": build, "biggest_build": biggest}))
     kb = KnowledgeBase(kb_settings.kb_dir)
     try:
         info.update(documents=len(kb.documents()), chunks=kb.chunk_count())
@@ -428,7 +435,7 @@ def run_eval(questions_path: Path, settings: Settings, out: Path, *, k: int = 5,
             "kb": settings.kb, "embedder": settings.embedder, "k": k,
             "chunk_tokens": settings.chunk_tokens, "chunk_overlap_tokens": settings.chunk_overlap_tokens,
             "mode": mode, "questions": str(questions_path), "kb_generation": searcher.kb.generation,
-            "rrf_k": settings.rrf_k, "bm25_weight": getattr(searcher, "bm25_weight", None),
+            "fusion": settings.fusion, "bm25_weight": settings.bm25_weight, "rrf_k": settings.rrf_k,
             "reranker": settings.reranker, "answers": answer_fn is not None, **(extra_config or {}),
         }
         out = Path(out)

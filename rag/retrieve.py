@@ -1,10 +1,10 @@
 """Step 6 — retrieve: hybrid dense + BM25 search with rank fusion, as a LangChain retriever.
 
 Dense: FAISS inner product over normalised vectors. BM25: bm25s over the
-``rag.lexical`` tokens. Fusion: weighted reciprocal rank fusion; when the two
-lists disagree the BM25 side wins ties (measured on the shared sets: BM25 is
-right more often on the name/number questions where dense confuses similar
-places, see README). An optional cross-encoder reorders the fused top.
+``rag.lexical`` tokens. Fusion: z-score fusion of the two channels' scores (default;
+``RAG_FUSION=rrf`` for plain reciprocal rank fusion); ties go to the BM25 side, which
+is right more often on the name/number questions where dense confuses similar places
+(measured on the shared sets, see README). An optional cross-encoder reorders the fused top.
 """
 from __future__ import annotations
 
@@ -61,6 +61,33 @@ def fuse(dense: list[int], bm25: list[int], rrf_k: int = 60, bm25_weight: float 
     return sorted(scores.items(), key=lambda kv: (-round(kv[1], 12), bm25_rank.get(kv[0], 1 << 30)))
 
 
+def fuse_scores(dense: list[int], dense_scores: list[float], bm25: list[int], bm25_scores: list[float],
+                bm25_weight: float = 0.55) -> list[tuple[int, float]]:
+    """Z-score fusion (the default): each channel's scores standardised over its own candidates,
+    a candidate missing from a list gets that list's lowest z, then ``(1-w)·z_dense + w·z_bm25``.
+
+    Unlike RRF it sees *how far* a channel's top stands above the rest (a BM25 top-1 at 43 vs 17
+    counts; a dense 0.8837 vs 0.8835 does not). Measured on the shared sets (README): beats RRF
+    on DRCD hit@1 (.922 vs .888) and CMRC (.990 vs .982) without losing on RGB or the seeds.
+    Ties go to the better BM25 rank.
+    """
+    def standardise(scores: list[float]) -> tuple[list[float], float]:
+        if not scores:
+            return [], 0.0
+        values = np.asarray(scores, dtype=np.float64)
+        sd = values.std() or 1.0
+        z = (values - values.mean()) / sd
+        return z.tolist(), float(z.min())
+
+    dz, d_absent = standardise(dense_scores)
+    bz, b_absent = standardise(bm25_scores)
+    d_map, b_map = dict(zip(dense, dz)), dict(zip(bm25, bz))
+    b_rank = {cid: r for r, cid in enumerate(bm25)}
+    fused = {cid: (1 - bm25_weight) * d_map.get(cid, d_absent) + bm25_weight * b_map.get(cid, b_absent)
+             for cid in d_map.keys() | b_map.keys()}
+    return sorted(fused.items(), key=lambda kv: (-round(kv[1], 12), b_rank.get(kv[0], 1 << 30)))
+
+
 class Searcher:
     """Searches one knowledge base; reloads its indexes when another process changed it.
 
@@ -69,7 +96,7 @@ class Searcher:
         embedder: reuse an already loaded embedder (must be the KB's model).
     """
 
-    def __init__(self, settings: Settings, embedder=None, bm25_weight: float = 1.2):
+    def __init__(self, settings: Settings, embedder=None):
         self.settings = settings
         self.kb = KnowledgeBase(settings.kb_dir)
         self.embedder = embedder or make_embedder(settings.embedder, settings.threads, settings.embed_batch_size)
@@ -81,7 +108,6 @@ class Searcher:
                 f"KB built with {known}, current embedder is {self.embedder.model_id}"
             )
         self.tokenizer = tokenizer_for(self.kb, settings)
-        self.bm25_weight = bm25_weight
         self._indexes = None
         self._lock = threading.Lock()
         self._reranker = None
@@ -132,7 +158,10 @@ class Searcher:
         n = max(self.settings.candidates, k)
         dense_ids, dense_scores = self.dense_ranking(query, n) if mode != "bm25" else ([], [])
         bm25_ids, bm25_scores = self.bm25_ranking(query, n) if mode != "dense" else ([], [])
-        fused = fuse(dense_ids, bm25_ids, self.settings.rrf_k, self.bm25_weight)
+        if self.settings.fusion == "rrf":
+            fused = fuse(dense_ids, bm25_ids, self.settings.rrf_k)
+        else:
+            fused = fuse_scores(dense_ids, dense_scores, bm25_ids, bm25_scores, self.settings.bm25_weight)
         depth = max(k, 20) if self._reranker else k
         fused = fused[:depth]
         chunks = self.kb.chunks([cid for cid, _ in fused])
