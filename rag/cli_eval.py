@@ -17,25 +17,13 @@ from pathlib import Path
 from rag.config import PROJECT_ROOT
 
 
-def _answer_fn(args, settings):
-    """The answer step, or None for retrieval only.
-
-    Contract for the answer chain: ``rag.answer.make_answer_fn(settings, backend)`` returns
-    ``question -> {"answer": text, ...}``. Until it exists, answers are skipped.
-    """
+def _answer_fn(args, settings, searcher):
+    """The answer step (``rag.answer.make_answer_fn``), or None for retrieval only."""
     if args.retrieval_only:
         return None
-    try:
-        from rag import answer as answer_module
-    except ModuleNotFoundError as exc:
-        if exc.name != "rag.answer":
-            raise
-        answer_module = None
-    factory = getattr(answer_module, "make_answer_fn", None)
-    if factory is None:
-        print("回答评测尚不可用 / answers are not available yet: evaluating retrieval only", file=sys.stderr)
-        return None
-    return factory(settings, args.llm or settings.llm_backend)
+    from rag.answer import make_answer_fn
+
+    return make_answer_fn(settings, args.llm or settings.llm_backend, searcher=searcher)
 
 
 def _default_out(args, settings) -> Path:
@@ -69,26 +57,23 @@ def cmd_eval(args) -> int:
         if info.get("built"):
             print(f"知识库 KB {info['kb']}: {info['documents']} documents, {info['chunks']} chunks, "
                   f"{info['embedded']} embedded in {info['embed_seconds']:.1f}s", file=sys.stderr)
-    answer_fn = _answer_fn(args, settings)
     out = Path(args.out) if args.out else _default_out(args, settings)
-    searcher = None
-    if embedder is not None:
-        from rag.retrieve import Searcher
+    from rag.retrieve import Searcher
 
-        searcher = Searcher(settings, embedder=embedder)
+    searcher = Searcher(settings, embedder=embedder)  # one searcher for retrieval and answers
+    answer_fn = _answer_fn(args, settings, searcher)
     try:
         report = run_eval(Path(args.questions), settings, out, k=args.k, mode=args.mode, limit=args.limit,
                           answer_fn=answer_fn, searcher=searcher, progress=not args.quiet, fresh=args.fresh,
                           extra_config=extra)
     finally:
-        if searcher is not None:
-            searcher.close()
+        searcher.close()
     r, lat = report["retrieval"], report["latency"]
     print(f"{report['n']} questions ({report['n_negative']} unanswerable) · KB {settings.kb} · mode {args.mode}")
     print("  " + " · ".join(f"{key} {value:.3f}" for key, value in r.items() if value is not None))
     print(f"  retrieve p50 {lat['retrieve_p50_ms']} ms · p95 {lat['retrieve_p95_ms']} ms")
-    if report.get("answers"):
-        print("  answers: " + " · ".join(f"{k} {v}" for k, v in report["answers"].items()))
+    if report.get("answer"):
+        print("  answer: " + " · ".join(f"{k} {v}" for k, v in report["answer"].items()))
     print(f"报告 report: {out / 'report.md'}")
     if args.compare:
         records = list(_read_log(out / "log.jsonl").values())

@@ -352,9 +352,19 @@ def _answer_record(q: Question, answer_fn: Callable[[str], dict]) -> dict:
         result = {"error": f"{type(exc).__name__}: {exc}"}
     result["latency_ms"] = round((time.perf_counter() - started) * 1000, 3)
     text = str(result.get("answer") or result.get("text") or "")
-    result["refused"] = M.is_refusal(text) if "error" not in result else None
+    if "error" in result:
+        result["refused"] = None
+    else:
+        result["refused"] = bool(result.get("refused")) or M.is_refusal(text)
     if not q.negative and q.parts and "error" not in result:
         result["correct"] = M.answer_correct(text, q.parts)
+        # A citation is precise when its passage holds the evidence: an accepted answer form,
+        # a gold quote, or (gold by id) it comes from a gold document.
+        gold = [alias for part in q.parts for alias in part] + list(q.gold_quotes)
+        result["precise_citations"] = sum(
+            1 for c in result.get("citations", [])
+            if any(M.contains(str(c.get("passage", "")), g) for g in gold)
+            or any(doc_matches(str(c.get("doc_id", "")), g) for g in q.gold_ids))
     return result
 
 
@@ -381,10 +391,21 @@ def _answers_summary(records: list[dict]) -> dict | None:
         values = [v for v in values if v is not None]
         return round(sum(values) / len(values), 4) if values else None
 
+    cited = [a for a in pos if a.get("citations")]
+    n_citations = sum(len(a["citations"]) for a in cited)
+    results = [r["answer"] for r in answered if "error" not in r["answer"]]
+    n_sentences = sum(int(a.get("sentences") or 0) for a in results)
+    first_token = [a["timings"]["first_token"] for a in results if a.get("timings", {}).get("first_token")]
     return {
         "accuracy": rate([a["correct"] for a in pos]),
-        "refusal_on_negative": rate([a.get("refused") for a in neg]),
-        "false_refusal": rate([r["answer"].get("refused") for r in answered
+        "citation_precision": round(sum(a.get("precise_citations", 0) for a in cited) / n_citations, 4)
+        if n_citations else None,
+        "unsupported_sentence_rate": round(sum(int(a.get("unsupported_sentences") or 0) for a in results)
+                                           / n_sentences, 4) if n_sentences else None,
+        "first_token_p50_ms": _round(M.percentile(first_token, 50)),
+        "first_token_p95_ms": _round(M.percentile(first_token, 95)),
+        "refusal_rate": rate([a.get("refused") for a in neg]),
+        "false_refusal_rate": rate([r["answer"].get("refused") for r in answered
                                if not r["negative"] and "error" not in r["answer"]]),
         "n_answered": len(answered), "errors": errors,
         "latency_p50_ms": _round(M.percentile(lat, 50)), "latency_p95_ms": _round(M.percentile(lat, 95)),
@@ -506,9 +527,11 @@ def build_report(records: list[dict], config: dict, has_groups: bool = False) ->
     }
     answers = _answers_summary(records)
     if answers:
-        report["answers"] = answers
+        report["answer"] = answers
         report["latency"]["answer_p50_ms"] = answers["latency_p50_ms"]
         report["latency"]["answer_p95_ms"] = answers["latency_p95_ms"]
+        report["latency"]["first_token_p50_ms"] = answers["first_token_p50_ms"]
+        report["latency"]["first_token_p95_ms"] = answers["first_token_p95_ms"]
     return report
 
 
@@ -539,7 +562,7 @@ def render_markdown(report: dict, records: list[dict]) -> str:
     ]
     lines += [f"| {key} | {_fmt(value)} |" for key, value in report["retrieval"].items()]
     lines += [f"| latency {key} | {_fmt(value)} |" for key, value in report["latency"].items()]
-    for key, value in (report.get("answers") or {}).items():
+    for key, value in (report.get("answer") or {}).items():
         lines.append(f"| answers {key} | {_fmt(value)} |")
     misses = worst_misses(records)
     if misses:
@@ -590,7 +613,7 @@ def write_report(out: Path, report: dict, records: list[dict]) -> None:
 # ----------------------------------------------------------------------------- compare / thresholds
 def _flatten(report: dict) -> dict[str, float]:
     flat = {}
-    for section in ("retrieval", "latency", "answers"):
+    for section in ("retrieval", "latency", "answer"):
         for key, value in (report.get(section) or {}).items():
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 flat[f"{section}.{key}"] = value
@@ -638,8 +661,8 @@ def compare_reports(old_path: Path, new_report: dict, new_records: list[dict] | 
 KNOWN_METRICS = {
     "retrieval": [f"hit@{k}" for k in KS] + [f"mrr@{DEPTH}", f"recall@{DEPTH}", f"all_groups@{DEPTH}"],
     "latency": ["retrieve_p50_ms", "retrieve_p95_ms", "answer_p50_ms", "answer_p95_ms"],
-    "answers": ["accuracy", "refusal_on_negative", "false_refusal", "n_answered", "errors",
-                "latency_p50_ms", "latency_p95_ms"],
+    "answer": ["accuracy", "refusal_rate", "false_refusal_rate", "citation_precision", "unsupported_sentence_rate",
+               "n_answered", "errors", "latency_p50_ms", "latency_p95_ms", "first_token_p50_ms", "first_token_p95_ms"],
 }
 
 
@@ -666,7 +689,7 @@ def metric_value(report: dict, metric: str) -> float | None:
     flat = _flatten(report)
     if metric in flat:
         return flat[metric]
-    for section in ("retrieval", "answers", "latency"):
+    for section in ("retrieval", "answer", "latency"):
         if f"{section}.{metric}" in flat:
             return flat[f"{section}.{metric}"]
     return None

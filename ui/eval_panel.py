@@ -36,7 +36,7 @@ _METRIC_NAMES = {  # report.json keys → what a Chinese reader sees; the key st
     f"mrr@{DEPTH}": "平均倒数排名", f"recall@{DEPTH}": "召回率", f"all_groups@{DEPTH}": "证据组全部命中",
     "retrieve_p50_ms": "检索延迟 p50（毫秒）", "retrieve_p95_ms": "检索延迟 p95（毫秒）",
     "answer_p50_ms": "回答延迟 p50（毫秒）", "answer_p95_ms": "回答延迟 p95（毫秒）",
-    "accuracy": "回答正确率", "refusal_on_negative": "无答案题的拒答率", "false_refusal": "有答案题的误拒率",
+    "accuracy": "回答正确率", "refusal_rate": "无答案题的拒答率", "false_refusal_rate": "有答案题的误拒率",
     "n_answered": "回答题数", "errors": "回答出错数",
     "latency_p50_ms": "回答耗时 p50（毫秒）", "latency_p95_ms": "回答耗时 p95（毫秒）",
 }
@@ -49,9 +49,9 @@ def _fmt(value) -> str:
 def metric_rows(report: dict) -> list[list[str]]:
     """The metrics table: question counts, retrieval, latency, answers (when run)."""
     rows = [["问题数", str(report["n"])], ["无答案题（不计入检索指标）", str(report["n_negative"])]]
-    for section, prefix in (("retrieval", ""), ("latency", ""), ("answers", "回答 ")):
+    for section, prefix in (("retrieval", ""), ("latency", ""), ("answer", "回答 ")):
         for key, value in (report.get(section) or {}).items():
-            if section == "answers" and key.startswith("latency"):
+            if section == "answer" and key.startswith("latency"):
                 continue  # already listed as answer_p50/p95 under latency
             name = _METRIC_NAMES.get(key) or (f"前 {key.split('@')[1]} 段命中率" if key.startswith("hit@") else key)
             rows.append([f"{prefix}{name} · {key}", _fmt(value)])
