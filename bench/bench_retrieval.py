@@ -173,7 +173,8 @@ def render(results: list[dict], total_seconds: float, settings: Settings) -> str
         "",
         f"git {str(git['revision'])[:10]}{' (dirty)' if git['dirty'] else ''} · embedder {settings.embedder} · "
         f"chunks {settings.chunk_tokens}/{settings.chunk_overlap_tokens} tokens · candidates {settings.candidates}"
-        f"/channel · rrf_k {settings.rrf_k} · {os.cpu_count()} CPUs · {platform.python_version()} · "
+        f"/channel · fusion {getattr(settings, 'fusion', 'rrf')} (bm25_weight {getattr(settings, 'bm25_weight', '–')}, "
+        f"rrf_k {settings.rrf_k}) · {os.cpu_count()} CPUs · {platform.python_version()} · "
         f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '')} · load average before "
         f"{LOAD_BEFORE[0]:.1f}, after {os.getloadavg()[0]:.1f}",
         "",

@@ -31,7 +31,17 @@ _REFUSAL_PATTERNS = re.compile(r"文档中没有找到|没有找到相关信息|
 # compressed (unrelated Chinese text still scores ~0.75); measured on the shared sets (README).
 MIN_DENSE_SCORE = 0.80
 # Words that ask rather than say: they must not count as evidence in extractive scoring.
-_QUESTION_WORDS = re.compile(r"多少|什么|哪些|哪个|哪里|哪|怎么|如何|为什么|是否|吗|呢|请问|几")
+_QUESTION_WORDS = re.compile(r"多少|多长|多高|多大|多远|多久|多重|多宽|多深|什么|哪些|哪个|哪里|哪|怎么|如何|为什么|是否|吗|呢|请问|几")
+# What an answer to a "how long / how high / when ..." question usually contains: the extractive
+# backend prefers sentences with these cues (and with a number) when the question asks for one.
+_ANSWER_CUES = [
+    (re.compile(r"多长|长度"), re.compile(r"长度|全长|总长|长约|千米|公里|米")),
+    (re.compile(r"多高|高度|海拔"), re.compile(r"高度|海拔|高约|米")),
+    (re.compile(r"多大|面积"), re.compile(r"面积|平方")),
+    (re.compile(r"多久|多长时间"), re.compile(r"\d+\s*(?:年|个月|天|小时|分钟)")),
+    (re.compile(r"哪年|哪一年|何时|什么时候|哪天"), re.compile(r"\d+\s*年|\d+\s*月|\d+\s*日")),
+]
+_QUANTITY_QUESTION = re.compile(r"多少|几|多长|多高|多大|多远|多久|多重|多宽|多深|哪年|何时|什么时候|比例|百分之")
 
 
 @dataclass
@@ -158,13 +168,18 @@ class Answerer:
     def extractive_answer(self, query: str, hits: list[Hit]) -> str:
         """Best supporting sentences from the top passages, with their [n]."""
         q = bigrams(_QUESTION_WORDS.sub(" ", query))
+        cues = [cue for asked, cue in _ANSWER_CUES if asked.search(query)]
+        wants_number = bool(_QUANTITY_QUESTION.search(query))
         scored = []
         for n, hit in enumerate(hits[:3], 1):
             for sentence in split_sentences(hit.chunk.text):
                 grams = bigrams(sentence)
                 if grams and not is_heading_line(sentence):  # a title line is not an answer
-                    # Question coverage first, rank of the passage as the tie-break.
-                    scored.append((len(q & grams) / max(1, len(q)), -n, sentence.strip(), n))
+                    coverage = len(q & grams) / max(1, len(q))
+                    # A coverage tie is broken by the kind of answer asked for, then by passage rank.
+                    bonus = 0.15 * (wants_number and bool(re.search(r"\d", sentence))) \
+                        + 0.15 * any(cue.search(sentence) for cue in cues)
+                    scored.append((coverage + bonus if coverage else 0.0, -n, sentence.strip(), n))
         scored.sort(reverse=True)
         if not scored or scored[0][0] < 0.2:
             return REFUSAL

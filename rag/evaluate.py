@@ -542,6 +542,17 @@ def worst_misses(records: list[dict], n: int = 10) -> list[dict]:
     return [r for r in scored if (r.get("first_relevant_rank") or 99) > 1][:n]
 
 
+def set_label(questions_path) -> str:
+    """A readable name for a question file: ``evaldata/drcd/questions.jsonl`` → ``drcd``,
+    ``seeds_eval/dev.jsonl`` → ``seeds_eval/dev``, ``my_set.jsonl`` → ``my_set``."""
+    path = Path(str(questions_path))
+    if path.stem == "questions":
+        return path.parent.name or path.stem
+    if path.stem in ("dev", "test", "train") and path.parent.name:
+        return f"{path.parent.name}/{path.stem}"
+    return path.stem
+
+
 def _fmt(value) -> str:
     return "–" if value is None else (f"{value:.3f}" if isinstance(value, float) else str(value))
 
@@ -549,7 +560,7 @@ def _fmt(value) -> str:
 def render_markdown(report: dict, records: list[dict]) -> str:
     cfg = report["config"]
     lines = [
-        f"# rag eval · {Path(cfg.get('questions', '')).name} · {cfg.get('mode')}",
+        f"# rag eval · {set_label(cfg.get('questions', ''))} · {cfg.get('mode')}",
         "",
         f"KB `{cfg.get('kb')}` · embedder `{cfg.get('embedder')}` · chunks {cfg.get('chunk_tokens')}/"
         f"{cfg.get('chunk_overlap_tokens')} tokens · k {cfg.get('k')} · git {str(report['git'].get('revision'))[:10]}"
@@ -607,7 +618,7 @@ def write_report(out: Path, report: dict, records: list[dict]) -> None:
     (out / "report.json").write_text(json.dumps(report, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
     (out / "report.md").write_text(render_markdown(report, records), encoding="utf-8")
     plot_hit_curve(out / "hit_at_k.png", {report["config"].get("mode", "run"): report["hit_curve"]},
-                   title=f"hit@k · {Path(report['config'].get('questions', '')).stem}")
+                   title=f"hit@k · {set_label(report['config'].get('questions', ''))}")
 
 
 # ----------------------------------------------------------------------------- compare / thresholds
