@@ -177,8 +177,8 @@ class Answerer:
                 if grams and not is_heading_line(sentence):  # a title line is not an answer
                     coverage = len(q & grams) / max(1, len(q))
                     # A coverage tie is broken by the kind of answer asked for, then by passage rank.
-                    bonus = 0.15 * (wants_number and bool(re.search(r"\d", sentence))) \
-                        + 0.15 * any(cue.search(sentence) for cue in cues)
+                    bonus = 0.05 * (wants_number and bool(re.search(r"\d", sentence))) \
+                        + 0.1 * any(cue.search(sentence) for cue in cues)
                     scored.append((coverage + bonus if coverage else 0.0, -n, sentence.strip(), n))
         scored.sort(reverse=True)
         if not scored or scored[0][0] < 0.2:

@@ -16,7 +16,7 @@ def cmd_api(args) -> int:
         settings.llm_backend = args.llm
     check_bind(args.host, settings.api_key)  # ValueError: printed by rag.cli as one line, exit 2
     names = Library(settings).names()
-    if args.kb and args.kb not in names:
+    if getattr(args, "kb", None) and args.kb not in names:
         raise KnowledgeBaseError(f"知识库不存在：{settings.kb_dir}（先运行 rag ingest）/ "
                                  f"knowledge base not found: {settings.kb_dir} (run rag ingest first)")
     if not names:

@@ -42,7 +42,7 @@ def cmd_eval(args) -> int:
         parse_threshold(spec)
     if not Path(args.questions).is_file():
         raise ValueError(f"问题文件不存在 / no such questions file: {args.questions}")
-    if args.corpus and args.kb:
+    if args.corpus and getattr(args, "kb", None):
         raise ValueError("--kb 与 --corpus 只能选一个 / use either --kb or --corpus")
     settings = _settings(args)
     extra = {}

@@ -9,6 +9,7 @@ import os
 
 # Before anything imports huggingface_hub / sentence-transformers: never reach a model hub.
 os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see rag/cli.py
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import json  # noqa: E402
