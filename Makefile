@@ -9,7 +9,7 @@ DEMO_KB ?= demo
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install install-llm browser run test bench eval clean demo-kb
+.PHONY: install install-llm browser run test bench bench-answers eval clean demo-kb
 
 # Base: torch first (CPU build from local disk; otherwise pip pulls a multi-GB CUDA build).
 $(VENV)/.base-installed: requirements.txt pyproject.toml
@@ -55,6 +55,10 @@ test: install browser
 
 bench: install
 	$(PY) bench/bench_retrieval.py
+
+# Answer quality and latency of the local model (seeds dev + first 100 rgb_zh questions; ~45 min on 2 cores).
+bench-answers: install
+	$(PY) bench/bench_answers.py --llm local
 
 eval: install
 	$(PY) -m rag.cli eval --help >/dev/null && bash eval/run_all.sh
