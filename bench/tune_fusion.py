@@ -25,7 +25,7 @@ from bench_retrieval import SETS  # noqa: E402
 from rag import metrics as M  # noqa: E402
 from rag.config import Settings  # noqa: E402
 from rag.evaluate import DEPTH, Judge, corpus_kb_name, load_questions, score_question  # noqa: E402
-from rag.retrieve import fuse  # noqa: E402
+from rag.retrieve import fuse, fuse_scores  # noqa: E402
 from rag.store import KnowledgeBase  # noqa: E402
 
 # Must-beat numbers (../shared/notes/retrieval-baselines.md; seeds: answerable hit@5 = 1.0).
@@ -88,30 +88,6 @@ def score_fusion(alpha: float, norm: str = "minmax", depth: int | None = None):
         return [cid for cid, _ in sorted(total.items(), key=lambda kv: -kv[1])]
     f.__name__ = f"score-{norm}{'@' + str(depth) if depth else ''} α={alpha}"
     return f
-
-
-def fuse_scores(dense: list[int], dense_scores: list[float], bm25: list[int], bm25_scores: list[float],
-                bm25_weight: float = 0.6) -> list[tuple[int, float]]:
-    """Z-score fusion: each channel's scores standardised over its own candidate list
-    (mean 0, sd 1), a candidate missing from a list gets that list's lowest z, then
-    ``(1 - w) * z_dense + w * z_bm25``. Unlike RRF it sees *how far* a channel's top
-    stands above the rest (a BM25 top-1 at 43 vs 17 counts, a dense 0.8837 vs 0.8835 does not).
-    Same output shape as ``rag.retrieve.fuse``: ``[(chunk id, score)]``, best first."""
-    def z(scores):
-        if not scores:
-            return [], 0.0
-        mu = sum(scores) / len(scores)
-        sd = (sum((s - mu) ** 2 for s in scores) / len(scores)) ** 0.5 or 1.0
-        values = [(s - mu) / sd for s in scores]
-        return values, min(values)
-
-    dz, d_absent = z(dense_scores)
-    bz, b_absent = z(bm25_scores)
-    d_map, b_map = dict(zip(dense, dz)), dict(zip(bm25, bz))
-    b_rank = {cid: r for r, cid in enumerate(bm25)}
-    fused = {cid: (1 - bm25_weight) * d_map.get(cid, d_absent) + bm25_weight * b_map.get(cid, b_absent)
-             for cid in d_map.keys() | b_map.keys()}
-    return sorted(fused.items(), key=lambda kv: (-round(kv[1], 12), b_rank.get(kv[0], 1 << 30)))
 
 
 def paste_ready(bm25_weight: float):

@@ -13,6 +13,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see rag/cli.py
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import json  # noqa: E402
+import socket  # noqa: E402
 import re  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -26,6 +27,13 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(__file__).resolve().parents[2] / "shared"  # ../shared from the project root
 SEEDS_DIR = SHARED / "corpus" / "seeds"
 SEEDS_DEV = SHARED / "corpus" / "seeds_eval" / "dev.jsonl"
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 for a server a test starts."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def without_space(text: str) -> str:
@@ -168,7 +176,6 @@ def ui_app(tmp_path_factory):
     Yields ``(app, base_url)``; the server listens on a free 127.0.0.1 port and is
     closed after the module.
     """
-    import socket
 
     from rag.ingest import Ingestor
     from rag.llm import DEFAULT_GGUF_NAME
@@ -188,9 +195,7 @@ def ui_app(tmp_path_factory):
     )
     report = Ingestor(settings).ingest([docs], progress=False)
     assert report.ok and len(report.added) == len(UI_DOCS), report.summary()
-    with socket.socket() as s:  # a free port; tiny race window, fine on a test machine
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # tiny race window, fine on a test machine
     app = create_app(settings)
     app.launch(host="127.0.0.1", port=port, prevent_thread_lock=True, quiet=True)
     try:

@@ -12,7 +12,6 @@ import asyncio
 import json
 import shutil
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -24,7 +23,7 @@ import numpy as np
 import openai
 import pytest
 import uvicorn
-from conftest import rag_command, rag_env
+from conftest import free_port, rag_command, rag_env
 
 from rag.answer import REFUSAL
 from rag.api import ApiError, ChatMessage, Gate, check_bind, create_app, split_messages
@@ -53,12 +52,6 @@ def make_settings(home: Path, **overrides) -> Settings:
     values = dict(home=home, kb="wiki", llm_backend="extractive", threads=2)
     values.update(overrides)
     return Settings(_env_file=None, **values)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def error_of(response: httpx.Response) -> dict:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -17,6 +16,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+
+from conftest import free_port
 
 from rag.config import PROJECT_ROOT, Settings
 from rag.llm import (
@@ -51,12 +52,6 @@ def make_settings(**overrides) -> Settings:
     )
     values.update(overrides)
     return Settings(_env_file=None, **values)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def stamp_of(path: Path) -> Path:
