@@ -22,6 +22,7 @@ from langchain_core.runnables import RunnableLambda
 from rag.clean import is_heading_line
 from rag.cite import Citation, best_quote, bigrams, locate, split_sentences, verify
 from rag.config import PROJECT_ROOT, Settings
+from rag.focus import focus, question_grams
 from rag.retrieve import Hit, Searcher
 from rag.tokens import count_tokens
 
@@ -30,8 +31,6 @@ _REFUSAL_PATTERNS = re.compile(r"文档中没有找到|没有找到相关信息|
 # Dense cosine of the best passage below which nothing is considered relevant. e5 cosines are
 # compressed (unrelated Chinese text still scores ~0.75); measured on the shared sets (README).
 MIN_DENSE_SCORE = 0.80
-# Words that ask rather than say: they must not count as evidence in extractive scoring.
-_QUESTION_WORDS = re.compile(r"多少|多长|多高|多大|多远|多久|多重|多宽|多深|什么|哪些|哪个|哪里|哪|怎么|如何|为什么|是否|吗|呢|请问|几")
 # What an answer to a "how long / how high / when ..." question usually contains: the extractive
 # backend prefers sentences with these cues (and with a number) when the question asks for one.
 _ANSWER_CUES = [
@@ -128,16 +127,21 @@ class Answerer:
         rewritten = rewritten[0].strip() if rewritten else ""
         return rewritten.strip("“”\"' ") or question
 
-    def pack(self, hits: list[Hit]) -> tuple[list[Hit], str]:
-        """Number the passages that fit the model's context; never cut one in the middle."""
-        budget = min(self.settings.llm_passage_tokens, self.settings.llm_context - self.settings.llm_max_tokens
+    def pack(self, hits: list[Hit], query: str = "") -> tuple[list[Hit], str]:
+        """Number the passages that fit the token budget, each focused on the sentences that
+        bear on ``query`` (``rag.focus``); never cut a sentence in the middle."""
+        s = self.settings
+        budget = min(s.llm_passage_tokens, s.llm_context - s.llm_max_tokens
                      - count_tokens(load_prompt("system") + load_prompt("answer")) - 64)
         chosen, parts, used = [], [], 0
         for hit in hits:
+            if len(chosen) >= s.llm_passages:
+                break
             c = hit.chunk
+            body = focus(c.text, query, s.llm_focus_tokens) if query and s.llm_focus_tokens else c.text
             text = self.passage_prompt.format(
                 number=len(chosen) + 1, title=c.title or c.doc_id, section=f"（{c.section}）" if c.section else "",
-                text=c.text)
+                text=body)
             cost = count_tokens(text)
             if used + cost > budget:
                 continue  # a later, shorter passage may still fit
@@ -167,7 +171,7 @@ class Answerer:
 
     def extractive_answer(self, query: str, hits: list[Hit]) -> str:
         """Best supporting sentences from the top passages, with their [n]."""
-        q = bigrams(_QUESTION_WORDS.sub(" ", query))
+        q = question_grams(query)
         cues = [cue for asked, cue in _ANSWER_CUES if asked.search(query)]
         wants_number = bool(_QUANTITY_QUESTION.search(query))
         scored = []
@@ -211,7 +215,7 @@ class Answerer:
         t = time.perf_counter()
         hits = self.searcher.search(query, k or self.settings.top_k)
         timings["retrieve"] = (time.perf_counter() - t) * 1000
-        hits, context = self.pack(hits)
+        hits, context = self.pack(hits, query)
         passages = [dict(h.to_dict(), number=i) for i, h in enumerate(hits, 1)]
         yield {"type": "passages", "passages": passages}
 

@@ -54,8 +54,13 @@ def support_score(sentence: str, passage: str, question: str = "") -> float:
     return len(grams & bigrams(passage)) / len(grams)
 
 
+def sentence_spans(text: str) -> list[tuple[int, int]]:
+    """``[start, end)`` of each sentence of ``text`` (line breaks end sentences too)."""
+    return [m.span() for m in _SENTENCE.finditer(text) if normalise(MARKER.sub("", m.group()))]
+
+
 def split_sentences(text: str) -> list[str]:
-    return [m.group() for m in _SENTENCE.finditer(text) if normalise(MARKER.sub("", m.group()))]
+    return [text[a:b] for a, b in sentence_spans(text)]
 
 
 def best_quote(sentence: str, passage: str) -> str:

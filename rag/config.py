@@ -48,8 +48,14 @@ class Settings(BaseSettings):
     llm_context: int = 4096
     llm_max_tokens: int = 512
     # Passage tokens given to the LLM. Prompt reading dominates time-to-first-token on a
-    # 2-core CPU (~70-150 tokens/s for the 1.5B model), so the local default packs ~3 passages.
-    llm_passage_tokens: int = 900
+    # 2-core CPU (~90-150 tokens/s for the 1.5B model).
+    llm_passage_tokens: int = 600
+    # Each passage is cut to its sentences that bear on the question (rag.focus), at most this
+    # many tokens; 0 gives the LLM whole chunks. Measured in bench/results-answers.md.
+    llm_focus_tokens: int = 180
+    # Passages numbered for the LLM (of the top_k retrieved). Fewer, focused passages kept the
+    # 1.5B model's refusals right and its time to first token under 5 s (README).
+    llm_passages: int = 3
     llm_temperature: float = 0.0  # greedy: the same question gets the same answer
     llm_base_url: str = "http://127.0.0.1:8080/v1"
     llm_api_key: str = "EMPTY"

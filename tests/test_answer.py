@@ -127,3 +127,17 @@ def test_unreachable_openai_endpoint_falls_back_to_extractive(tmp_path, demo_ans
     assert result.backend == "extractive"
     assert result.notice and "extractive" in result.notice
     assert "1117320768" in result.answer
+
+
+def test_pack_gives_the_llm_few_focused_passages_within_budget(demo_answerer):
+    from rag.tokens import count_tokens
+
+    question = "拼接后的本地大模型文件有多少字节？"
+    hits = demo_answerer.searcher.search(question, 5)
+    chosen, context = demo_answerer.pack(hits, question)
+    s = demo_answerer.settings
+    assert 1 <= len(chosen) <= s.llm_passages < len(hits)
+    assert count_tokens(context) <= s.llm_passage_tokens
+    assert "[1]" in context and "1117320768" in context
+    whole = sum(count_tokens(h.chunk.text) for h in chosen)
+    assert count_tokens(context) < whole, "passages were focused on the question"
