@@ -147,6 +147,9 @@ def contains(haystack: str, needle: str) -> bool:
     return False
 
 
+_CITATION_MARKER = re.compile(r"\s*[\[【［]\d{1,2}(?:\s*[,，、]\s*\d{1,2})*[\]】］]")
+
+
 def answer_correct(answer: str, answer_parts: Sequence[Sequence[str]] | Sequence[str]) -> bool:
     """True when every part is matched by at least one of its aliases after normalisation.
 
@@ -161,7 +164,8 @@ def answer_correct(answer: str, answer_parts: Sequence[Sequence[str]] | Sequence
     parts = [p for p in parts if any(str(a).strip() for a in p)]
     if not parts:
         return False
-    norm = normalize_answer(answer)
+    # "189[1]" must not read as 1891: citation markers are not part of the answer
+    norm = normalize_answer(_CITATION_MARKER.sub(" ", answer))
     return all(any(contains(norm, normalize_answer(alias)) for alias in part if str(alias).strip()) for part in parts)
 
 

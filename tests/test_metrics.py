@@ -148,3 +148,11 @@ def test_percentile():
     assert percentile(range(1, 101), 95) == pytest.approx(95.05)  # numpy's linear interpolation
     with pytest.raises(ValueError):
         percentile([1], 101)
+
+
+def test_citation_markers_are_not_part_of_the_answer():
+    assert answer_correct("189[1]", [["189"]])  # not "1891"
+    assert answer_correct("共有189人[1][2]。", [["189"]])
+    assert answer_correct("COMAC919【1】", [["COMAC919"]])
+    assert not answer_correct("1891", [["189"]])  # a longer number is still not a match
+    assert not answer_correct("18[9]", [["189"]])
