@@ -93,9 +93,9 @@ class Answerer:
         self.searcher = searcher or Searcher(settings)
         # Chat models by backend; pass one dict to several Answerers so they share one loaded LLM.
         self._models: dict[str, object] = models if models is not None else {}
-        self.answer_prompt = ChatPromptTemplate.from_messages(
-            [("system", load_prompt("system")), ("human", load_prompt("answer"))]
-        )
+        system, answer = load_prompt("system"), load_prompt("answer")
+        self.answer_prompt = ChatPromptTemplate.from_messages([("system", system), ("human", answer)])
+        self._instruction_tokens = count_tokens(system + answer)  # read once, not per question
         self.passage_prompt = PromptTemplate.from_template(load_prompt("passage"))
         self.rewrite_prompt = ChatPromptTemplate.from_messages([("human", load_prompt("rewrite"))])
 
@@ -132,7 +132,7 @@ class Answerer:
         bear on ``query`` (``rag.focus``); never cut a sentence in the middle."""
         s = self.settings
         budget = min(s.llm_passage_tokens, s.llm_context - s.llm_max_tokens
-                     - count_tokens(load_prompt("system") + load_prompt("answer")) - 64)
+                     - self._instruction_tokens - 64)
         chosen, parts, used = [], [], 0
         for hit in hits:
             if len(chosen) >= s.llm_passages:

@@ -25,6 +25,8 @@ from decimal import Decimal, InvalidOperation
 from functools import lru_cache
 from typing import Callable, Iterable, Sequence
 
+from rag.cite import MARKER
+
 # ----------------------------------------------------------------------------- normalisation
 _DIGITS = {
     "零": 0, "〇": 0, "○": 0, "一": 1, "壹": 1, "二": 2, "贰": 2, "貳": 2, "两": 2, "兩": 2,
@@ -147,9 +149,6 @@ def contains(haystack: str, needle: str) -> bool:
     return False
 
 
-_CITATION_MARKER = re.compile(r"\s*[\[【［]\d{1,2}(?:\s*[,，、]\s*\d{1,2})*[\]】］]")
-
-
 def answer_correct(answer: str, answer_parts: Sequence[Sequence[str]] | Sequence[str]) -> bool:
     """True when every part is matched by at least one of its aliases after normalisation.
 
@@ -165,7 +164,7 @@ def answer_correct(answer: str, answer_parts: Sequence[Sequence[str]] | Sequence
     if not parts:
         return False
     # "189[1]" must not read as 1891: citation markers are not part of the answer
-    norm = normalize_answer(_CITATION_MARKER.sub(" ", answer))
+    norm = normalize_answer(MARKER.sub(" ", answer))
     return all(any(contains(norm, normalize_answer(alias)) for alias in part if str(alias).strip()) for part in parts)
 
 
