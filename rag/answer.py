@@ -20,9 +20,11 @@ from langchain_core.prompts import ChatPromptTemplate, PromptTemplate
 from langchain_core.runnables import RunnableLambda
 
 from rag.clean import is_heading_line
+from rag.align import align, question_frame, resolve_followup
 from rag.cite import Citation, best_quote, bigrams, locate, split_sentences, verify
 from rag.config import PROJECT_ROOT, Settings
 from rag.focus import focus, question_grams
+from rag.zh import is_question
 from rag.retrieve import Hit, Searcher
 from rag.tokens import count_tokens
 
@@ -57,6 +59,7 @@ class AnswerResult:
     passages: list[dict] = field(default_factory=list)  # the numbered passages shown ([1] = passages[0])
     backend: str = "extractive"
     notice: str | None = None  # e.g. "LLM unavailable, extractive answer"
+    judge: float | None = None  # the LLM's probability that its answer is backed (None: not asked)
     timings: dict[str, float] = field(default_factory=dict)  # ms: rewrite, retrieve, first_token, total
 
     def to_dict(self) -> dict:
@@ -69,6 +72,11 @@ class AnswerResult:
             where = " · ".join(x for x in (c.title or c.doc_id, c.section, f"第{c.page}页" if c.page else "") if x)
             lines.append(f"[{c.number}] {where}\n    「{c.quote}」")
         return "\n".join(lines)
+
+
+def passage_context(hit: Hit) -> str:
+    """What a passage is about besides its text: document title and section path."""
+    return f"{hit.chunk.title or ''} {hit.chunk.section or ''}".strip()
 
 
 def load_prompt(name: str) -> str:
@@ -111,10 +119,23 @@ class Answerer:
         return self._models[backend]
 
     def rewrite(self, question: str, history: list[dict], backend: str) -> str:
-        """Standalone version of a follow-up question (unchanged without history)."""
+        """Standalone version of a follow-up question (unchanged without history).
+
+        A follow-up that only names a new place, year or organisation ("那宜昌呢?") is the
+        previous question about the new one (``rag.align.resolve_followup``), for every
+        backend and without an LLM call; anything else goes to the LLM's rewrite prompt.
+        """
         turns = [m for m in history if m.get("role") in ("user", "assistant") and m.get("content")]
         if not turns:
             return question
+        previous = ""
+        for m in turns:  # the previous user question made standalone by the same rule
+            if m["role"] == "user":
+                previous = resolve_followup(str(m["content"]), previous) if previous else str(m["content"])
+                previous = previous or str(m["content"])
+        substituted = resolve_followup(question, previous) if previous else None
+        if substituted:
+            return substituted
         if backend == "extractive":
             # No LLM: carry the previous question's words so the retriever keeps the topic.
             previous = next((m["content"] for m in reversed(turns) if m["role"] == "user"), "")
@@ -174,11 +195,16 @@ class Answerer:
         q = question_grams(query)
         cues = [cue for asked, cue in _ANSWER_CUES if asked.search(query)]
         wants_number = bool(_QUANTITY_QUESTION.search(query))
+        frame = question_frame(query)
         scored = []
         for n, hit in enumerate(hits[:3], 1):
+            context = passage_context(hit)
             for sentence in split_sentences(hit.chunk.text):
                 grams = bigrams(sentence)
-                if grams and not is_heading_line(sentence):  # a title line is not an answer
+                # A title line or a question is not an answer, nor a sentence about another
+                # place, year or subject than the one asked (the verifier's alignment rule).
+                if grams and not is_heading_line(sentence) and not is_question(sentence) \
+                        and align(sentence, hit.chunk.text, frame, context).aligned:
                     coverage = len(q & grams) / max(1, len(q))
                     # A coverage tie is broken by the kind of answer asked for, then by passage rank.
                     bonus = 0.05 * (wants_number and bool(re.search(r"\d", sentence))) \
@@ -245,7 +271,8 @@ class Answerer:
         result = AnswerResult(question, query, REFUSAL if refused else text, backend=backend, notice=notice,
                               passages=passages, refused=refused)
         if not refused:
-            check = verify(text, [h.chunk.text for h in hits], question=query)
+            check = verify(text, [h.chunk.text for h in hits], question=query,
+                           contexts=[passage_context(h) for h in hits])
             if not check.used_numbers:
                 # Not one sentence is supported by the passages: an invented answer is worse than none.
                 result.answer, result.refused = REFUSAL, True
@@ -280,15 +307,16 @@ def history_messages(history: list[dict]):
 
 
 def make_answer_fn(settings: Settings, backend: str | None = None, searcher: Searcher | None = None):
-    """``question -> dict`` for ``rag eval``: the answer, refusal flag, citations with their passage
-    text (so the evaluator can check them against gold answers), the model's own citation count
-    before verification, and timings."""
+    """``(question, history=None) -> dict`` for ``rag eval``: the answer, refusal flag, citations
+    with their passage text (so the evaluator can check them against gold answers), the model's
+    raw text before verification, the per-sentence checks, the passages with their title and
+    section (so a verifier change can be re-scored from the log), and timings."""
     answerer = Answerer(settings, searcher)
 
-    def answer(question: str) -> dict:
+    def answer(question: str, history: list[dict] | None = None) -> dict:
         raw = {"text": ""}
         result = None
-        for event in answerer.stream(question, backend=backend):
+        for event in answerer.stream(question, history, backend=backend):
             if event["type"] == "token":
                 raw["text"] += event["text"]
             elif event["type"] == "final":
@@ -304,6 +332,11 @@ def make_answer_fn(settings: Settings, backend: str | None = None, searcher: Sea
             "citations": [{"number": c.number, "doc_id": c.doc_id, "quote": c.quote,
                            "passage": passages.get(c.number, "")} for c in result.citations],
             "sentences": len(result.sentences),
+            "checks": [{k: s[k] for k in ("text", "cited", "supported", "reason")} for s in result.sentences],
+            "passages": [{"number": p["number"], "doc_id": p["doc_id"], "text": p["text"],
+                          "context": f"{p.get('title') or ''} {p.get('section') or ''}".strip(),
+                          "dense_score": p.get("dense_score")} for p in result.passages],
+            "judge": result.judge,
             "unsupported_sentences": result.unsupported_sentences,
             "timings": result.timings,
         }

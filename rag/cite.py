@@ -14,24 +14,9 @@ import re
 import unicodedata
 from dataclasses import asdict, dataclass, field
 
-MARKER = re.compile(r"\s*[\[【［](\d{1,2}(?:\s*[,，、]\s*\d{1,2})*)[\]】］]")
-_SENTENCE = re.compile(r"[^。！？!?；;\n]+(?:[。！？!?；;]+(?:\s*[\[【［][\d,，、\s]+[\]】］])*)?")
-_NUMBER = re.compile(r"\d+(?:\.\d+)?")
-_DROP = re.compile(r"[\s\W_]+", re.UNICODE)
-# Question/filler words that say nothing about support.
-_FILLER = set("的了是在和与及也就都而且或被把对为这那个")
+from rag.zh import MARKER, NUMBER, bigrams, normalise, sentence_spans, split_sentences  # noqa: F401 (re-exported)
+
 SUPPORT_THRESHOLD = 0.5  # bigram recall needed to call a sentence supported (see README)
-
-
-def normalise(text: str) -> str:
-    return _DROP.sub("", unicodedata.normalize("NFKC", text).lower())
-
-
-def bigrams(text: str) -> set[str]:
-    t = normalise(text)
-    if len(t) < 2:
-        return {t} if t else set()
-    return {t[i:i + 2] for i in range(len(t) - 1) if not (t[i] in _FILLER and t[i + 1] in _FILLER)}
 
 
 def support_score(sentence: str, passage: str, question: str = "") -> float:
@@ -42,7 +27,7 @@ def support_score(sentence: str, passage: str, question: str = "") -> float:
     that echoes the question and adds an invented name must not pass on the echo.
     """
     clean = MARKER.sub("", sentence)
-    numbers = _NUMBER.findall(unicodedata.normalize("NFKC", clean))
+    numbers = NUMBER.findall(unicodedata.normalize("NFKC", clean))
     passage_norm = unicodedata.normalize("NFKC", passage)
     if any(not re.search(rf"(?<![\d.]){re.escape(n)}(?!\d)", passage_norm) for n in numbers):
         return 0.0
@@ -52,15 +37,6 @@ def support_score(sentence: str, passage: str, question: str = "") -> float:
     if not grams:
         return 0.0
     return len(grams & bigrams(passage)) / len(grams)
-
-
-def sentence_spans(text: str) -> list[tuple[int, int]]:
-    """``[start, end)`` of each sentence of ``text`` (line breaks end sentences too)."""
-    return [m.span() for m in _SENTENCE.finditer(text) if normalise(MARKER.sub("", m.group()))]
-
-
-def split_sentences(text: str) -> list[str]:
-    return [text[a:b] for a, b in sentence_spans(text)]
 
 
 def best_quote(sentence: str, passage: str) -> str:
@@ -104,6 +80,7 @@ class SentenceCheck:
     support: float = 0.0
     supported: bool = False
     repointed: bool = False  # the model cited another passage, or nothing
+    reason: str = ""  # why no passage backs it (e.g. "missing 宜昌"), for the UI and eval logs
 
 
 @dataclass
@@ -120,21 +97,58 @@ class Verification:
         return asdict(self)
 
 
-def verify(answer: str, passages: list[str], threshold: float = SUPPORT_THRESHOLD, question: str = "") -> Verification:
+_MARKER_RUN = re.compile(rf"(?:{MARKER.pattern})+")
+
+
+def answer_units(answer: str) -> list[str]:
+    """The answer's sentences, each cut after every run of ``[n]`` that more text follows:
+    "襄阳设立2837个[1]，荆门形成106个[2]。" is two units, each checked against its own passage."""
+    units = []
+    for sentence in split_sentences(answer):
+        start = 0
+        for m in _MARKER_RUN.finditer(sentence):
+            if normalise(sentence[m.end():]) and normalise(MARKER.sub("", sentence[start:m.start()])):
+                units.append(sentence[start:m.end()])
+                start = m.end()
+        units.append(sentence[start:])
+    return [u for u in units if normalise(MARKER.sub("", u))]
+
+
+def verify(answer: str, passages: list[str], threshold: float = SUPPORT_THRESHOLD, question: str = "",
+           contexts: list[str] | None = None) -> Verification:
     """Verify and repair the ``[n]`` citations of ``answer`` against ``passages`` (``[1]`` = passages[0]).
+
+    A unit (a sentence, or the part of one that carries its own ``[n]``) is supported by a
+    passage when its words are there (``support_score`` ≥ ``threshold``) and, given the
+    question, the passage is *about* what was asked (``rag.align``): the sentence holding
+    the answer, read with the sentence before it and the passage's title and section,
+    names the question's places, times and organisations and shares its subject.
 
     Args:
         answer: the model's answer with its markers.
         passages: the numbered passage texts shown to the model.
         threshold: minimum support score to keep or attach a citation.
-        question: the question answered; what the answer only repeats from it is not evidence.
+        question: the (standalone) question answered; what the answer only repeats from it is
+            not evidence, and its frame is what the evidence must be about.
+        contexts: per passage, its document title and section path (read as part of it).
     """
+    from rag.align import align, question_frame
+
+    frame = question_frame(question) if question.strip() else None
+    contexts = contexts or [""] * len(passages)
     checks: list[SentenceCheck] = []
     rebuilt: list[str] = []
-    for sentence in split_sentences(answer):
-        claimed = sorted({int(n) for m in MARKER.finditer(sentence) for n in re.split(r"[,，、\s]+", m.group(1)) if n})
-        body = MARKER.sub("", sentence).rstrip()
+    for unit in answer_units(answer):
+        claimed = sorted({int(n) for m in MARKER.finditer(unit) for n in re.split(r"[,，、\s]+", m.group(1)) if n})
+        body = MARKER.sub("", unit).rstrip()
         scores = [support_score(body, p, question) for p in passages]
+        reasons = [""] * len(passages)
+        if frame is not None:
+            for i, passage in enumerate(passages):
+                if scores[i] >= threshold:
+                    verdict = align(body, passage, frame, contexts[i])
+                    if not verdict.aligned:
+                        scores[i], reasons[i] = 0.0, verdict.reason
         kept = [n for n in claimed if 1 <= n <= len(passages) and scores[n - 1] >= threshold]
         check = SentenceCheck(body.strip())
         if kept:
@@ -144,9 +158,11 @@ def verify(answer: str, passages: list[str], threshold: float = SUPPORT_THRESHOL
             check.cited, check.support, check.repointed = [best + 1], scores[best], True
         else:
             check.support = max(scores, default=0.0)
+            check.reason = next((reasons[n - 1] for n in claimed if 1 <= n <= len(passages) and reasons[n - 1]),
+                                next((r for r in reasons if r), ""))
         check.supported = bool(check.cited)
         checks.append(check)
-        tail = re.match(r"^(.*?)([。！？!?；;]*)$", body, re.S)
+        tail = re.match(r"^(.*?)([。！？!?；;，,]*)$", body, re.S)
         markers = "".join(f"[{n}]" for n in check.cited)
         rebuilt.append(f"{tail.group(1)}{markers}{tail.group(2)}" if tail else body + markers)
     used: list[int] = []

@@ -58,6 +58,8 @@ class Question:
     negative_ids: list[str] = field(default_factory=list)
     gold_docs: list[str] = field(default_factory=list)
     gold_quotes: list[str] = field(default_factory=list)
+    # Earlier chat turns of a follow-up question: [{"role": "user"|"assistant", "content": str}].
+    history: list[dict] = field(default_factory=list)
 
     @property
     def by_quote(self) -> bool:
@@ -104,7 +106,18 @@ class Question:
             answer_parts=[[str(a) for a in part] for part in row.get("answer_parts") or []],
             gold_ids=strs("gold_ids"), gold_groups=[[str(x) for x in g] for g in row.get("gold_groups") or []],
             negative_ids=strs("negative_ids"), gold_docs=strs("gold_docs"), gold_quotes=strs("gold_quotes"),
+            history=[{"role": str(m.get("role")), "content": str(m.get("content") or "")}
+                     for m in row.get("history") or [] if isinstance(m, dict)],
         )
+
+    @property
+    def search_query(self) -> str:
+        """What retrieval-only evaluation searches: a follow-up made standalone by the rule the
+        answer step applies first (``rag.align.resolve_followup``), else the question itself."""
+        from rag.align import resolve_followup
+
+        previous = next((m["content"] for m in reversed(self.history) if m["role"] == "user"), "")
+        return (resolve_followup(self.question, previous) if previous else None) or self.question
 
 
 def load_questions(path: Path, limit: int | None = None) -> list[Question]:
@@ -328,7 +341,7 @@ def _hit_record(hit, units: frozenset[str]) -> dict:
 def evaluate_question(q: Question, searcher, judge: Judge, mode: str, depth: int) -> dict:
     """Retrieve for one question and score it; returns its log record."""
     started = time.perf_counter()
-    hits = searcher.search(q.question, depth, mode)
+    hits = searcher.search(q.search_query, depth, mode)
     latency = (time.perf_counter() - started) * 1000
     units = [judge.units(q, h.chunk.doc_id, h.chunk.start, h.chunk.end) for h in hits]
     record = {
@@ -344,10 +357,10 @@ def evaluate_question(q: Question, searcher, judge: Judge, mode: str, depth: int
     return record
 
 
-def _answer_record(q: Question, answer_fn: Callable[[str], dict]) -> dict:
+def _answer_record(q: Question, answer_fn: Callable[..., dict]) -> dict:
     started = time.perf_counter()
     try:
-        result = dict(answer_fn(q.question) or {})
+        result = dict((answer_fn(q.question, q.history) if q.history else answer_fn(q.question)) or {})
     except Exception as exc:  # one failing question must not stop a long run
         result = {"error": f"{type(exc).__name__}: {exc}"}
     result["latency_ms"] = round((time.perf_counter() - started) * 1000, 3)
@@ -436,7 +449,8 @@ def run_eval(questions_path: Path, settings: Settings, out: Path, *, k: int = 5,
         k: chunks given to the answer step (retrieval metrics always look at the top 10).
         mode: ``hybrid``, ``dense`` or ``bm25``.
         limit: only the first N questions.
-        answer_fn: ``question -> {"answer": text, ...}``; None = retrieval only.
+        answer_fn: ``(question[, history]) -> {"answer": text, ...}`` (``history`` only for
+            questions that have one); None = retrieval only.
         searcher: an open ``Searcher`` to reuse (opened from ``settings`` when None).
         fresh: discard an earlier log in ``out`` instead of resuming it.
         extra_config: more entries for ``report["config"]`` (e.g. the corpus).

