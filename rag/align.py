@@ -52,9 +52,12 @@ _GENERIC_PLACES = {"新区", "城区", "郊区", "市区", "矿区", "开发", "
 # A question that asks for an amount, or a time, is not answered by a clause without one.
 _ASKS_QUANTITY = re.compile(r"多少|几[个位名项家次场人条所种天年月届倍成]|多长|多高|多大|多远|多重|多宽|多深|比例|百分之|增长率|增速")
 _ASKS_TIME = re.compile(r"哪年|哪一年|哪天|何时|什么时候|什么时间|几月|几号|(?<![一-龥])时间$|的时间|日期")
+_ASKS_WHO = re.compile(r"是谁|谁是|哪位|姓名|叫什么名字|由谁")
+_ROLE = re.compile(r"(?:长|书记|主任|主席|总裁|总统|总理|委员|经理|董事|冠军|得主|教练|作者|导演|主演|创始人|负责人|首相|大使|发言人)$")
 _HAS_AMOUNT = re.compile(r"\d|[零〇一二两三四五六七八九十百千万亿]+(?:余|多)?[个位名项家次场人条所种天年月届倍成元部支期批座户亿万%]")
 # Where the asked-for thing is named: after 多少/几 (+ measure word), or before 是谁/是多少/叫什么.
-_TARGET_AFTER = re.compile(r"(?:多少|几)[个位名项家次场人条所种天年月届倍成元部支期批座户]?(.{2,12}?)(?:[？?。，,]|$)")
+_TARGET_AFTER = re.compile(
+    r"(?:多少|几)[个位名项家次场人条所种天年月届倍成元部支期批座户]?(.{2,12}?)(?=[？?。，,、；;]|和|以及|及|与|多少|几|$)")
 _TARGET_BEFORE = re.compile(r"([^，,。？?]{2,10}?)(?:是谁|叫什么|是什么|是多少|有多少|增长了?多少|多少|的时间|是哪|在哪|什么时候)")
 _HAS_TIME = re.compile(r"\d|[一二三四五六七八九十]+月|[上下]旬|年初|年底|年末|年中|当天|今年|去年|明年|前年|日前")
 _STOP_WORDS = set("的 了 是 在 和 与 及 也 就 都 而 或 被 把 对 为 这 那 个 有 共 共有 一共 总共 目前 现在 已经"
@@ -85,8 +88,9 @@ class QuestionFrame:
     question: str
     constraints: tuple[Constraint, ...]
     subject: tuple[str, ...]  # normalised content words (统战工作, 服务站, 设立)
-    target: tuple[str, ...] = ()  # subject words naming the asked-for thing (服务站, 部长)
-    asks: str = ""  # "quantity", "time" or "" (a name, a fact...)
+    # Per asked-for item, its subject words, head last: (("基层", "统战", "品牌"),), (("部长",),)
+    target: tuple[tuple[str, ...], ...] = ()
+    asks: str = ""  # "quantity", "time", "who" or "" (a fact, a name of a thing...)
 
     @property
     def groups(self) -> list[list[Constraint]]:
@@ -238,17 +242,19 @@ def question_frame(question: str) -> QuestionFrame:
             group += 1
         constraints.append(Constraint(term, kind, _forms(term, kind), group))
         previous_end, previous_kind = end, kind
-    asks = "quantity" if _ASKS_QUANTITY.search(text) else "time" if _ASKS_TIME.search(text) else ""
+    asks = ("quantity" if _ASKS_QUANTITY.search(text) else "time" if _ASKS_TIME.search(text)
+            else "who" if _ASKS_WHO.search(text) else "")
     subject = list(dict.fromkeys(subject))
     target: list[str] = []
     for pattern in (_TARGET_AFTER, _TARGET_BEFORE):
-        m = pattern.search(text)
-        if m:
+        for m in pattern.finditer(text):  # one head per asked item ("多少服务站、多少品牌")
             phrase = normalise(m.group(1))
-            named = [w for w in subject if w in phrase]
-            if named:  # the head noun: the last content word of the phrase (…统战品牌 → 品牌)
-                target = [max(named, key=phrase.rfind)]
-                break
+            named = sorted((w for w in subject if w in phrase), key=phrase.find)
+            if named:  # in phrase order, so the head noun is last (…统战品牌 → 品牌)
+                target.append(tuple(named))
+        if target:
+            break
+    target = list(dict.fromkeys(target))
     return QuestionFrame(question, tuple(constraints), tuple(subject), tuple(target), asks)
 
 
@@ -272,13 +278,44 @@ def subject_overlap(frame: QuestionFrame, text: str) -> float:
 
 
 def target_named(frame: QuestionFrame, text: str) -> bool:
-    """The evidence names the asked-for thing: its head word, or half of the head's bigrams
-    ("资金投入" is named by "投入资金" but not by "7个县")."""
+    """The evidence names an asked-for thing: its head word (or half of the head's bigrams:
+    "资金投入" is named by "投入资金"), and a third of the whole phrase's bigrams
+    ("人均可支配收入" is not named by "村集体经营性收入")."""
     if not frame.target:
         return True
-    norm = normalise(text)
-    grams = bigrams(frame.target[0])
-    return frame.target[0] in norm or (len(grams) > 1 and len(grams & bigrams(text)) >= 0.5 * len(grams))
+    norm, text_grams = normalise(text), bigrams(text)
+    for words in frame.target:
+        head, phrase = bigrams(words[-1]), bigrams("".join(words))
+        head_named = words[-1] in norm or (len(head) > 1 and len(head & text_grams) >= 0.5 * len(head))
+        if head_named and len(phrase & text_grams) >= len(phrase) / 3:
+            return True
+    return False
+
+
+def names_person_in_role(frame: QuestionFrame, sentence: str, clause: str) -> bool:
+    """For "who is the 部长" questions: the evidence names a person right after the role
+    ("统战部部长 杨永章", "部长丁鵾"), and the answer clause says that name. True when the
+    question asks no role."""
+    roles = [t[-1] for t in frame.target if _ROLE.search(t[-1])]
+    if frame.asks != "who" or not roles:
+        return True
+    words = list(_tagger().cut(sentence))
+    said = normalise(clause)
+    for i, w in enumerate(words):
+        if not any(w.word.endswith(role) for role in roles):
+            continue
+        rest = [x for x in words[i + 1:i + 5] if x.word.strip(" 　:：、")]
+        if not rest:
+            continue
+        if rest[0].flag in ("nr", "nrfg", "nrt"):
+            name = rest[0].word
+        elif len(rest) >= 2 and all(len(x.word) == 1 and re.fullmatch(r"[\u4e00-\u9fff]", x.word) for x in rest[:2]):
+            name = rest[0].word + rest[1].word  # a rare-character name jieba cuts apart (丁鵾)
+        else:
+            continue
+        if normalise(name) in said:
+            return True
+    return False
 
 
 def _anchor_sentences(clause: str, passage: str, question: str) -> list[int]:
@@ -301,7 +338,13 @@ def _anchor_sentences(clause: str, passage: str, question: str) -> list[int]:
     return [i for i, score in enumerate(scores) if score == best and score > 0]
 
 
-def align(clause: str, passage: str, frame: QuestionFrame, context: str = "",
+def _names_other_place(text: str, frame: QuestionFrame) -> bool:
+    asked = {form for c in frame.constraints for form in c.forms}
+    return any(w.flag == "ns" and w.word in place_names() and normalise(w.word) not in asked
+               and _PLACE_SUFFIX.sub("", normalise(w.word)) not in asked for w in _tagger().cut(text))
+
+
+def align(clause: str, passage: str, frame: QuestionFrame, context: str = "", about: str | None = None,
           min_subject: float = 0.34) -> Alignment:
     """Does ``passage`` back ``clause`` as an answer to the question of ``frame``?
 
@@ -310,6 +353,8 @@ def align(clause: str, passage: str, frame: QuestionFrame, context: str = "",
         passage: the cited passage's text.
         frame: the question's frame (``question_frame``).
         context: the passage's document title and section path, read as part of it.
+        about: the place the passage's document is about (``dominant_place``): it counts as
+            named unless the evidence names another place ("长兴县…" in a report on 湖州).
         min_subject: share of subject words the evidence sentence must contain.
     """
     spans = sentence_spans(passage)
@@ -329,13 +374,21 @@ def align(clause: str, passage: str, frame: QuestionFrame, context: str = "",
             candidate = Alignment(False, sentence, reason="the evidence is a question, not an answer")
         else:
             window = " ".join(sentences[max(0, i - 1):i + 1])
-            missing = tuple(missing_constraints(frame, f"{context} {window}"))
-            overlap = subject_overlap(frame, sentence)
-            on_target = target_named(frame, sentence)
-            ok = not missing and overlap >= min_subject and on_target
+            scope = f"{context} {window}"
+            if about and not _names_other_place(window, frame):
+                scope += f" {about}"
+            missing = tuple(missing_constraints(frame, scope))
+            # The subject may be named in the sentence before (a heading, an FAQ's question);
+            # the asked-for thing of an amount must be named where the number is.
+            overlap = subject_overlap(frame, window)
+            on_target = target_named(frame, sentence if frame.asks == "quantity" else window)
+            person = names_person_in_role(frame, sentence, body)
+            ok = not missing and overlap >= min_subject and on_target and person
             reason = "" if ok else ("missing " + ", ".join(missing) if missing
                                     else "evidence is about another subject" if overlap < min_subject
-                                    else "evidence does not name the asked-for " + "/".join(frame.target))
+                                    else "no person named in the asked role" if not person
+                                    else "evidence does not name the asked-for "
+                                    + " / ".join("".join(t) for t in frame.target))
             candidate = Alignment(ok, sentence, missing, overlap, reason)
         if candidate.aligned:
             return candidate

@@ -20,10 +20,11 @@ from langchain_core.prompts import ChatPromptTemplate, PromptTemplate
 from langchain_core.runnables import RunnableLambda
 
 from rag.clean import is_heading_line
-from rag.align import align, question_frame, resolve_followup
+from rag.align import align, dominant_place, question_frame, resolve_followup
 from rag.cite import Citation, best_quote, bigrams, locate, split_sentences, verify
 from rag.config import PROJECT_ROOT, Settings
 from rag.focus import focus, question_grams
+from rag.judge import support_probability
 from rag.zh import is_question
 from rag.retrieve import Hit, Searcher
 from rag.tokens import count_tokens
@@ -106,17 +107,26 @@ class Answerer:
         self._instruction_tokens = count_tokens(system + answer)  # read once, not per question
         self.passage_prompt = PromptTemplate.from_template(load_prompt("passage"))
         self.rewrite_prompt = ChatPromptTemplate.from_messages([("human", load_prompt("rewrite"))])
+        self.judge_prompt = load_prompt("judge").strip()
+        self._doc_places: dict[str, str | None] = {}  # doc id → the place it is about (rag.align)
 
-    # ------------------------------------------------------------ pieces
-    def chat_model(self, backend: str):
-        """The LangChain chat model of a backend (loaded once and reused)."""
-        if backend not in self._models:
-            from rag.llm import check_openai_endpoint, make_chat_model
+    def place_of(self, hit: Hit) -> str | None:
+        """The place a passage's document is about (``rag.align.dominant_place``), cached per document."""
+        doc_id = hit.chunk.doc_id
+        if doc_id not in self._doc_places:
+            doc = self.searcher.kb.document_text(doc_id)
+            if len(self._doc_places) > 256:
+                self._doc_places.clear()
+            self._doc_places[doc_id] = dominant_place(doc[1]) if doc else None
+        return self._doc_places[doc_id]
 
-            if backend == "openai":
-                check_openai_endpoint(self.settings)
-            self._models[backend] = make_chat_model(self.settings, backend)
-        return self._models[backend]
+    def judge(self, backend: str, messages, answer: str) -> float | None:
+        """The model's probability that ``answer`` is backed by the passages (``rag.judge``);
+        None when the backend gives no probabilities or the call fails (the verifier's word stands)."""
+        try:
+            return support_probability(self.chat_model(backend), messages, answer, self.judge_prompt)
+        except Exception:
+            return None
 
     def rewrite(self, question: str, history: list[dict], backend: str) -> str:
         """Standalone version of a follow-up question (unchanged without history).
@@ -138,7 +148,11 @@ class Answerer:
             return substituted
         if backend == "extractive":
             # No LLM: carry the previous question's words so the retriever keeps the topic.
-            previous = next((m["content"] for m in reversed(turns) if m["role"] == "user"), "")
+            # The follow-up's places, years and organisations replace the previous question's.
+            kinds = {c.kind for c in question_frame(question).constraints}
+            for c in question_frame(previous).constraints:
+                if c.kind in kinds:
+                    previous = previous.replace(c.text, "")
             return f"{previous} {question}".strip()
         transcript = "\n".join(
             f"{'用户' if m['role'] == 'user' else '助手'}：{str(m['content'])[:300]}" for m in turns[-6:]
@@ -198,13 +212,13 @@ class Answerer:
         frame = question_frame(query)
         scored = []
         for n, hit in enumerate(hits[:3], 1):
-            context = passage_context(hit)
+            context, place = passage_context(hit), self.place_of(hit)
             for sentence in split_sentences(hit.chunk.text):
                 grams = bigrams(sentence)
                 # A title line or a question is not an answer, nor a sentence about another
                 # place, year or subject than the one asked (the verifier's alignment rule).
                 if grams and not is_heading_line(sentence) and not is_question(sentence) \
-                        and align(sentence, hit.chunk.text, frame, context).aligned:
+                        and align(sentence, hit.chunk.text, frame, context, place).aligned:
                     coverage = len(q & grams) / max(1, len(q))
                     # A coverage tie is broken by the kind of answer asked for, then by passage rank.
                     bonus = 0.05 * (wants_number and bool(re.search(r"\d", sentence))) \
@@ -247,6 +261,7 @@ class Answerer:
 
         relevant = bool(hits) and max((h.dense_score or 0.0) for h in hits) >= MIN_DENSE_SCORE
         text = ""
+        messages = None
         if not relevant:
             text = REFUSAL
         elif backend == "extractive":
@@ -272,7 +287,7 @@ class Answerer:
                               passages=passages, refused=refused)
         if not refused:
             check = verify(text, [h.chunk.text for h in hits], question=query,
-                           contexts=[passage_context(h) for h in hits])
+                           contexts=[passage_context(h) for h in hits], places=[self.place_of(h) for h in hits])
             if not check.used_numbers:
                 # Not one sentence is supported by the passages: an invented answer is worse than none.
                 result.answer, result.refused = REFUSAL, True
@@ -283,6 +298,14 @@ class Answerer:
                 result.sentences = [asdict(s) for s in check.sentences]
                 result.unsupported_sentences = check.unsupported
                 result.citations = self.citations_for(check.used_numbers, check.sentences, hits)
+                if backend != "extractive" and messages is not None:
+                    result.judge = self.judge(backend, messages, text)
+                    threshold = self.settings.llm_judge_threshold
+                    if result.judge is not None and result.judge < threshold:
+                        result.notice = result.notice or (
+                            f"模型判断资料不支持该回答（{result.judge:.2f} < {threshold}），已拒答 / the model "
+                            f"judged its answer unsupported, withheld: {text.strip()[:200]}")
+                        result.answer, result.refused, result.citations = REFUSAL, True, []
         timings["total"] = (time.perf_counter() - started) * 1000
         result.timings = timings
         yield {"type": "final", "result": result}

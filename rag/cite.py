@@ -115,7 +115,7 @@ def answer_units(answer: str) -> list[str]:
 
 
 def verify(answer: str, passages: list[str], threshold: float = SUPPORT_THRESHOLD, question: str = "",
-           contexts: list[str] | None = None) -> Verification:
+           contexts: list[str] | None = None, places: list[str | None] | None = None) -> Verification:
     """Verify and repair the ``[n]`` citations of ``answer`` against ``passages`` (``[1]`` = passages[0]).
 
     A unit (a sentence, or the part of one that carries its own ``[n]``) is supported by a
@@ -131,11 +131,13 @@ def verify(answer: str, passages: list[str], threshold: float = SUPPORT_THRESHOL
         question: the (standalone) question answered; what the answer only repeats from it is
             not evidence, and its frame is what the evidence must be about.
         contexts: per passage, its document title and section path (read as part of it).
+        places: per passage, the place its document is about (``rag.align.dominant_place``).
     """
     from rag.align import align, question_frame
 
     frame = question_frame(question) if question.strip() else None
     contexts = contexts or [""] * len(passages)
+    places = places or [None] * len(passages)
     checks: list[SentenceCheck] = []
     rebuilt: list[str] = []
     for unit in answer_units(answer):
@@ -146,7 +148,7 @@ def verify(answer: str, passages: list[str], threshold: float = SUPPORT_THRESHOL
         if frame is not None:
             for i, passage in enumerate(passages):
                 if scores[i] >= threshold:
-                    verdict = align(body, passage, frame, contexts[i])
+                    verdict = align(body, passage, frame, contexts[i], places[i])
                     if not verdict.aligned:
                         scores[i], reasons[i] = 0.0, verdict.reason
         kept = [n for n in claimed if 1 <= n <= len(passages) and scores[n - 1] >= threshold]

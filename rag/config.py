@@ -56,6 +56,9 @@ class Settings(BaseSettings):
     # Passages numbered for the LLM (of the top_k retrieved). Fewer, focused passages kept the
     # 1.5B model's refusals right and its time to first token under 5 s (README).
     llm_passages: int = 3
+    # The LLM's own yes/no on its answer (rag.judge): below this probability of 「是」 the
+    # answer is withheld as a refusal; 0 turns the judgement off. Chosen by measurement (README).
+    llm_judge_threshold: float = 0.0
     llm_temperature: float = 0.0  # greedy: the same question gets the same answer
     llm_base_url: str = "http://127.0.0.1:8080/v1"
     llm_api_key: str = "EMPTY"

@@ -333,6 +333,42 @@ class LlamaCppChat(BaseChatModel):
             )
         return self._llama
 
+    def next_token_probabilities(self, messages: list[BaseMessage], candidates: list[str]) -> dict[str, float]:
+        """Probability of each candidate as the first token of the reply to ``messages``
+        (softmax over the candidates' first tokens only).
+
+        llama.cpp keeps the KV cache of the previous call, so a prompt that extends the
+        last answer's conversation only evaluates its new tokens.
+
+        Args:
+            messages: the conversation; the reply's first token is scored.
+            candidates: e.g. ``["是", "否"]``.
+        """
+        import numpy as np
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        with self._lock:
+            llama = self._load()
+            template = llama.metadata.get("tokenizer.chat_template")
+            if not template:
+                raise LLMUnavailable("模型没有对话模板 / the GGUF has no chat template")
+            formatter = Jinja2ChatFormatter(template=template, eos_token="", bos_token="")
+            prompt = formatter(messages=convert_to_openai_messages(messages)).prompt
+            tokens = llama.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
+            cached = llama.input_ids[:llama.n_tokens].tolist()
+            common = 0
+            for a, b in zip(cached, tokens):
+                if a != b:
+                    break
+                common += 1
+            llama.n_tokens = min(common, len(tokens) - 1)  # at least one token to get logits from
+            llama.eval(tokens[llama.n_tokens:])
+            logits = np.ctypeslib.as_array(llama._ctx.get_logits(), shape=(llama.n_vocab(),)).astype(np.float64)
+            ids = [llama.tokenize(c.encode("utf-8"), add_bos=False, special=False)[0] for c in candidates]
+        chosen = logits[ids]
+        weights = np.exp(chosen - chosen.max())
+        return dict(zip(candidates, (weights / weights.sum()).tolist()))
+
     def _request(self, messages: list[BaseMessage], stop: list[str] | None, **kwargs: Any) -> dict:
         """Build ``create_chat_completion`` arguments; per-call kwargs override defaults."""
         return {
