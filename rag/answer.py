@@ -120,6 +120,17 @@ class Answerer:
             self._doc_places[doc_id] = dominant_place(doc[1]) if doc else None
         return self._doc_places[doc_id]
 
+    # ------------------------------------------------------------ pieces
+    def chat_model(self, backend: str):
+        """The LangChain chat model of a backend (loaded once and reused)."""
+        if backend not in self._models:
+            from rag.llm import check_openai_endpoint, make_chat_model
+
+            if backend == "openai":
+                check_openai_endpoint(self.settings)
+            self._models[backend] = make_chat_model(self.settings, backend)
+        return self._models[backend]
+
     def judge(self, backend: str, messages, answer: str) -> float | None:
         """The model's probability that ``answer`` is backed by the passages (``rag.judge``);
         None when the backend gives no probabilities or the call fails (the verifier's word stands)."""

@@ -11,15 +11,12 @@ from __future__ import annotations
 
 import re
 
-from rag.cite import bigrams, sentence_spans
 from rag.tokens import count_tokens
+from rag.zh import CLAUSE as _CLAUSE
+from rag.zh import QUESTION_WORDS, bigrams, is_question, sentence_spans
 
 GAP = "……"
 CLAUSE_TOKENS = 40  # longer sentences are weighed clause by clause (policy prose runs long)
-_CLAUSE = re.compile(r"[^，,：:]+[，,：:]*")
-# Words that ask rather than say: they are not evidence that a sentence is on topic.
-QUESTION_WORDS = re.compile(
-    r"多少|多长|多高|多大|多远|多久|多重|多宽|多深|什么|哪些|哪个|哪里|哪|怎么|如何|为什么|是否|吗|呢|请问|几")
 
 
 def question_grams(question: str) -> set[str]:
@@ -79,7 +76,16 @@ def focus(text: str, question: str, max_tokens: int) -> str:
         covered |= grams[i]
     if not keep:
         return text  # nothing on topic fits: let the packer decide on the whole passage
-    # 2. context: the sentence after each pick (answers often continue there), then the one before
+    # 2a. a kept question (an FAQ's 问：…？) is answered by the whole next line (答：…；…。)
+    for i in sorted(keep):
+        if is_question(sentences[i]):
+            j = i + 1
+            while j < len(sentences) and take(j):
+                end_of_line = "\n" in text[spans[j][1]:spans[j + 1][0] if j + 1 < len(spans) else len(text)]
+                if end_of_line:
+                    break
+                j += 1
+    # 2b. context: the sentence after each pick (answers often continue there), then the one before
     for offset in (1, -1):
         for i in sorted(keep):
             take(i + offset)
