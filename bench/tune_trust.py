@@ -69,8 +69,8 @@ def main() -> None:
     parser.add_argument("--thresholds", nargs="+", type=float, default=[0.0, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8])
     parser.add_argument("--misses", action="store_true", help="list what goes wrong at the first threshold")
     args = parser.parse_args()
-    print("| run | threshold | n | accuracy | false refusal | refusal (unanswerable) |")
-    print("|---|---|---|---|---|---|")
+    print("| run | threshold | n | accuracy | false refusal | refusal (unanswerable) | of which the model's own |")
+    print("|---|---|---|---|---|---|---|")
     for run in args.runs:
         config = json.loads((run / "run.json").read_text(encoding="utf-8"))["config"]
         questions = {q["id"]: Question.from_dict(q) for q in map(json.loads, Path(config["questions"]).read_text(
@@ -92,8 +92,9 @@ def main() -> None:
             acc = M.mean(o["correct"] for _, o in pos)
             false_refusal = M.mean(o["refused"] for _, o in pos)
             refusal = M.mean(o["refused"] for _, o in neg)
+            own = M.mean(is_refusal(r["answer"].get("raw_answer", "")) for r, _ in neg)
             fmt = lambda v: "–" if v is None else f"{v:.3f}"  # noqa: E731
-            print(f"| {run.name} | {threshold} | {len(pos)}+{len(neg)} | {fmt(acc)} | {fmt(false_refusal)} | {fmt(refusal)} |")
+            print(f"| {run.name} | {threshold} | {len(pos)}+{len(neg)} | {fmt(acc)} | {fmt(false_refusal)} | {fmt(refusal)} | {fmt(own)} |")
 
 
 if __name__ == "__main__":

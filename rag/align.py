@@ -41,8 +41,19 @@ _ETHNIC_AUTONOMY = re.compile(r"^([\u4e00-\u9fff]{2,}?)(?:[\u4e00-\u9fff]{1,3}�
 jieba.setLogLevel(logging.WARNING)
 # Time expressions, longest first: 2021年11月23日, 2021年, 11月23日, 上半年, 一季度, 前三季度...
 _TIME = re.compile(
-    r"\d{4}\s*年(?:\s*\d{1,2}\s*月(?:\s*\d{1,2}\s*[日号])?)?|\d{1,2}\s*月\s*\d{1,2}\s*[日号]|\d{1,2}\s*月份?"
+    r"\d{4}\s*[-–—/至到]\s*\d{2,4}(?:\s*(?:赛季|年度|财年|学年|年))?|\d{4}\s*年(?:\s*\d{1,2}\s*月(?:\s*\d{1,2}\s*[日号])?)?|\d{1,2}\s*月\s*\d{1,2}\s*[日号]|\d{1,2}\s*月份?"
     r"|\d{4}(?=\s*(?:年|届|赛季|财年))|[上下]半年|[前后]?[一二三四1-4]\s*季度|第[一二三四1-4]\s*季度")
+# A number that identifies what is asked about (男子1500米, iPhone SE 3, 第5届): the evidence
+# must carry it, and not only inside a longer number (500米, 3000元).
+_QUESTION_NUMBER = re.compile(r"(?<![\d.])\d+(?:\.\d+)?(?![\d.])")
+_NATIONAL = re.compile(r"我国|全国|中国|国内")
+_NATIONAL_FORMS = ("中国", "全国", "我国", "国内", "国家")
+# A number stated as a plan or forecast does not answer what happened (特斯拉2022年的交付量需要超过140万辆).
+_FORECAST = re.compile(r"预计|预期|计划|目标|需要|有望|力争|将达|将超|或将|规划|预测|估计|可能")
+_ASKS_FORECAST = re.compile(r"预计|预期|计划|目标|规划|预测|估计")
+KEY_TERM_FREQUENCY = 100  # see key_terms; measured on the answerable and unanswerable sets (README)
+_YEAR_IN_CLAUSE = re.compile(r"(?<!\d)(\d{4})\s*年")
+CLAUSE_OR_SENTENCE = re.compile(r"[^，,；;。！？!?]+")
 _QUOTED = re.compile(r"[“\"《「『]([^”\"》」』]{2,20})[”\"》」』]")
 # Coordination between two constraints of one kind: either may be the one a clause is about.
 _COORDINATION = re.compile(r"^\s*(?:和|与|及|以及|跟|同|或|或者|还是|、|，|,|/)\s*$")
@@ -50,7 +61,7 @@ _PLACE_SUFFIX = re.compile(r"(?:特别行政区|自治区|自治州|自治县|�
 _GENERIC_PLACES = {"新区", "城区", "郊区", "市区", "矿区", "开发", "高新", "经济开发", "管理"}
 # Words that carry no subject: function words and verbs of asking/being.
 # A question that asks for an amount, or a time, is not answered by a clause without one.
-_ASKS_QUANTITY = re.compile(r"多少|几[个位名项家次场人条所种天年月届倍成]|多长|多高|多大|多远|多重|多宽|多深|比例|百分之|增长率|增速")
+_ASKS_QUANTITY = re.compile(r"(?:人数|数量|金额|价格|售价|票价|产量|销量|交付量|票房|规模|总额|增速|增幅|增长率|出生率|死亡率|失业率|利率|涨幅|跌幅|营收|收入|利润|GDP|总值|排名)[？?]?$|多少|几[个位名项家次场人条所种天年月届倍成]|多长|多高|多大|多远|多重|多宽|多深|比例|百分之|增长率|增速")
 _ASKS_TIME = re.compile(r"哪年|哪一年|哪天|何时|什么时候|什么时间|几月|几号|(?<![一-龥])时间$|的时间|日期")
 _ASKS_WHO = re.compile(r"是谁|谁是|哪位|姓名|叫什么名字|由谁")
 _ROLE = re.compile(r"(?:长|书记|主任|主席|总裁|总统|总理|委员|经理|董事|冠军|得主|教练|作者|导演|主演|创始人|负责人|首相|大使|发言人)$")
@@ -58,7 +69,7 @@ _HAS_AMOUNT = re.compile(r"\d|[零〇一二两三四五六七八九十百千万�
 # Where the asked-for thing is named: after 多少/几 (+ measure word), or before 是谁/是多少/叫什么.
 _TARGET_AFTER = re.compile(
     r"(?:多少|几)[个位名项家次场人条所种天年月届倍成元部支期批座户]?(.{2,12}?)(?=[？?。，,、；;]|和|以及|及|与|多少|几|$)")
-_TARGET_BEFORE = re.compile(r"([^，,。？?]{2,10}?)(?:是谁|叫什么|是什么|是多少|有多少|增长了?多少|多少|的时间|是哪|在哪|什么时候)")
+_TARGET_BEFORE = re.compile(r"([^，,。？?]{2,10}?)(?:是谁|叫什么|是什么|是多少|有多少|增长了?多少|多少|的?时间|日期|是哪|在哪|什么时候)")
 _HAS_TIME = re.compile(r"\d|[一二三四五六七八九十]+月|[上下]旬|年初|年底|年末|年中|当天|今年|去年|明年|前年|日前")
 _STOP_WORDS = set("的 了 是 在 和 与 及 也 就 都 而 或 被 把 对 为 这 那 个 有 共 共有 一共 总共 目前 现在 已经"
                   " 分别 各 其 该 之 等 中 年 月 日 时间 情况 数量 人数 多少".split())
@@ -200,6 +211,8 @@ def _forms(term: str, kind: str) -> tuple[str, ...]:
         year = re.fullmatch(r"(\d{4})年?", norm)
         if year:
             forms.add(year.group(1))
+    if kind == "national":
+        forms.update(_NATIONAL_FORMS)
     return tuple(sorted(forms, key=len))
 
 
@@ -216,6 +229,12 @@ def question_frame(question: str) -> QuestionFrame:
         found.append((m.start(), m.end(), m.group(), "time"))
     for m in _QUOTED.finditer(text):
         found.append((m.start(1), m.end(1), m.group(1), "quoted"))
+    for m in _NATIONAL.finditer(text):
+        found.append((m.start(), m.end(), m.group(), "national"))
+    taken = [(a, b) for a, b, _, _ in found]
+    for m in _QUESTION_NUMBER.finditer(text):
+        if not any(a <= m.start() < b for a, b in taken):
+            found.append((m.start(), m.end(), m.group(), "number"))
     taken = [(a, b) for a, b, _, _ in found]
     subject: list[str] = []
     position = 0
@@ -259,6 +278,8 @@ def question_frame(question: str) -> QuestionFrame:
 
 
 def _mentions(text_norm: str, constraint: Constraint) -> bool:
+    if constraint.kind == "number":
+        return any(re.search(rf"(?<![\d.]){re.escape(f)}(?![\d])", text_norm) for f in constraint.forms)
     return any(form in text_norm for form in constraint.forms)
 
 
@@ -267,6 +288,37 @@ def missing_constraints(frame: QuestionFrame, text: str) -> list[str]:
     norm = normalise(text)
     return [" / ".join(c.text for c in group) for group in frame.groups
             if not any(_mentions(norm, c) for c in group)]
+
+
+@lru_cache(maxsize=1)
+def _word_frequencies() -> dict[str, int]:
+    from rag.lexical import new_jieba
+
+    return new_jieba().FREQ
+
+
+def key_terms(frame: QuestionFrame, max_frequency: int = KEY_TERM_FREQUENCY) -> list[str]:
+    """Subject words rare in general Chinese (jieba's dictionary frequency below
+    ``max_frequency``): 踩踏, 冬残奥会, 服务站. They say *which* event or thing is asked
+    about, so the evidence must name them, where 事故 or 增长 may be paraphrased.
+
+    Left out: two-character words jieba does not know (mostly its mis-cuts: 中断电会 →
+    中断/电会), and with several asked-for items ("多少服务站、多少品牌") the words of
+    those items, each of which a clause answers alone.
+    """
+    freq = _word_frequencies()
+    per_item = {w for t in frame.target for w in t} if len(frame.target) > 1 else set()
+    return [w for w in frame.subject
+            if freq.get(w, 0) < max_frequency and re.search(r"[\u4e00-\u9fff]", w)
+            and not (len(w) == 2 and not freq.get(w)) and w not in per_item]
+
+
+def names_term(term: str, text_norm: str, text_grams: set[str]) -> bool:
+    """``term`` is in the text, or two thirds of its bigrams are (资金投入 ~ 投入资金)."""
+    if term in text_norm:
+        return True
+    grams = bigrams(term)
+    return len(grams) > 1 and len(grams & text_grams) >= 2 / 3 * len(grams)
 
 
 def subject_overlap(frame: QuestionFrame, text: str) -> float:
@@ -285,6 +337,8 @@ def target_named(frame: QuestionFrame, text: str) -> bool:
         return True
     norm, text_grams = normalise(text), bigrams(text)
     for words in frame.target:
+        if frame.asks == "who" and _ROLE.search(words[-1]):
+            return True  # a role is checked where the name stands (names_person_in_role)
         head, phrase = bigrams(words[-1]), bigrams("".join(words))
         head_named = words[-1] in norm or (len(head) > 1 and len(head & text_grams) >= 0.5 * len(head))
         if head_named and len(phrase & text_grams) >= len(phrase) / 3:
@@ -292,19 +346,27 @@ def target_named(frame: QuestionFrame, text: str) -> bool:
     return False
 
 
-def names_person_in_role(frame: QuestionFrame, sentence: str, clause: str) -> bool:
+def names_person_in_role(frame: QuestionFrame, sentence: str, clause: str, context: str = "") -> bool:
     """For "who is the 部长" questions: the evidence names a person right after the role
-    ("统战部部长 杨永章", "部长丁鵾"), and the answer clause says that name. True when the
-    question asks no role."""
-    roles = [t[-1] for t in frame.target if _ROLE.search(t[-1])]
+    ("统战部部长 杨永章", "部长丁鵾"), the words that qualify the role in the question
+    (湖州 市委 …部长) stand just before it (or in the section/title), and the answer clause
+    says that name. "南浔区委常委、统战部部长唐小明" does not answer 湖州市委的统战部部长.
+    True when the question asks no role."""
+    roles = [t for t in frame.target if _ROLE.search(t[-1])]
     if frame.asks != "who" or not roles:
         return True
-    words = list(_tagger().cut(sentence))
-    said = normalise(clause)
-    for i, w in enumerate(words):
-        if not any(w.word.endswith(role) for role in roles):
+    places = [c for c in frame.constraints if c.kind == "place"]
+    said, around = normalise(clause), normalise(context)
+    position = 0
+    words = []
+    for w in _tagger().cut(sentence):
+        words.append((w, position))
+        position += len(w.word)
+    for i, (w, at) in enumerate(words):
+        role = next((t for t in roles if w.word.endswith(t[-1])), None)
+        if role is None:
             continue
-        rest = [x for x in words[i + 1:i + 5] if x.word.strip(" 　:：、")]
+        rest = [x for x, _ in words[i + 1:i + 5] if x.word.strip(" 　:：、")]
         if not rest:
             continue
         if rest[0].flag in ("nr", "nrfg", "nrt"):
@@ -313,7 +375,10 @@ def names_person_in_role(frame: QuestionFrame, sentence: str, clause: str) -> bo
             name = rest[0].word + rest[1].word  # a rare-character name jieba cuts apart (丁鵾)
         else:
             continue
-        if normalise(name) in said:
+        lead = normalise(sentence[max(0, at - 16):at + len(w.word)])
+        qualified = all(q in lead or q in around for q in role[:-1]) and all(
+            any(f in lead or f in around for f in c.forms) for c in places)
+        if qualified and normalise(name) in said:
             return True
     return False
 
@@ -344,6 +409,28 @@ def _names_other_place(text: str, frame: QuestionFrame) -> bool:
                and _PLACE_SUFFIX.sub("", normalise(w.word)) not in asked for w in _tagger().cut(text))
 
 
+def _number_clause_problem(frame: QuestionFrame, sentence: str, body: str) -> str:
+    """Why the clause of the evidence that holds the answer's number does not answer the
+    question ("" when it does): it dates the number to another year than the one asked
+    ("2020年天津的人口出生率为5.99‰" for 2021), or states a plan or forecast when a fact is
+    asked ("2022年的交付量需要超过140万辆")."""
+    asked = set(_NUMBER.findall(unicodedata.normalize("NFKC", frame.question)))
+    numbers = [n for n in _NUMBER.findall(unicodedata.normalize("NFKC", body)) if n not in asked]
+    if not numbers:
+        return ""
+    years = {m for c in frame.constraints if c.kind == "time" for m in re.findall(r"\d{4}", c.text)}
+    text = unicodedata.normalize("NFKC", sentence)
+    for clause in CLAUSE_OR_SENTENCE.findall(text):
+        if not any(re.search(rf"(?<![\d.]){re.escape(n)}(?!\d)", clause) for n in numbers):
+            continue
+        stated = set(_YEAR_IN_CLAUSE.findall(clause))
+        if years and stated and not stated & years:
+            return f"the number belongs to another year ({', '.join(sorted(stated))})"
+        if _FORECAST.search(clause) and not _ASKS_FORECAST.search(frame.question):
+            return "the number is a plan or forecast, not what happened"
+    return ""
+
+
 def align(clause: str, passage: str, frame: QuestionFrame, context: str = "", about: str | None = None,
           min_subject: float = 0.34) -> Alignment:
     """Does ``passage`` back ``clause`` as an answer to the question of ``frame``?
@@ -360,9 +447,12 @@ def align(clause: str, passage: str, frame: QuestionFrame, context: str = "", ab
     spans = sentence_spans(passage)
     sentences = [passage[a:b] for a, b in spans]
     body = MARKER.sub("", clause)
-    if frame.asks == "quantity" and not _HAS_AMOUNT.search(body):
+    said = body
+    for n in set(_NUMBER.findall(unicodedata.normalize("NFKC", frame.question))):
+        said = unicodedata.normalize("NFKC", said).replace(n, " ")  # the question's own numbers say nothing
+    if frame.asks == "quantity" and not _HAS_AMOUNT.search(said):
         return Alignment(False, reason="the question asks for an amount; the clause has none")
-    if frame.asks == "time" and not _HAS_TIME.search(body):
+    if frame.asks == "time" and not _HAS_TIME.search(said):
         return Alignment(False, reason="the question asks when; the clause has no time")
     anchors = _anchor_sentences(clause, passage, frame.question)
     if not anchors:
@@ -378,15 +468,19 @@ def align(clause: str, passage: str, frame: QuestionFrame, context: str = "", ab
             if about and not _names_other_place(window, frame):
                 scope += f" {about}"
             missing = tuple(missing_constraints(frame, scope))
+            norm_scope, scope_grams = normalise(scope), bigrams(scope)
+            missing += tuple(w for w in key_terms(frame) if not names_term(w, norm_scope, scope_grams))
             # The subject may be named in the sentence before (a heading, an FAQ's question);
             # the asked-for thing of an amount must be named where the number is.
             overlap = subject_overlap(frame, window)
             on_target = target_named(frame, sentence if frame.asks == "quantity" else window)
-            person = names_person_in_role(frame, sentence, body)
-            ok = not missing and overlap >= min_subject and on_target and person
+            person = names_person_in_role(frame, sentence, body, context)
+            about_number = _number_clause_problem(frame, sentence, body)
+            ok = not missing and overlap >= min_subject and on_target and person and not about_number
             reason = "" if ok else ("missing " + ", ".join(missing) if missing
                                     else "evidence is about another subject" if overlap < min_subject
                                     else "no person named in the asked role" if not person
+                                    else about_number if about_number
                                     else "evidence does not name the asked-for "
                                     + " / ".join("".join(t) for t in frame.target))
             candidate = Alignment(ok, sentence, missing, overlap, reason)
@@ -432,7 +526,19 @@ def resolve_followup(question: str, previous: str) -> str | None:
             return None
         group = [o for o in old.constraints if o.group == same[0].group]
         first, *others = group
-        result = result.replace(first.text, c.text, 1)
+        at = result.find(first.text)
+        after = result[at + len(first.text):at + len(first.text) + 1]
+        # "襄阳市…" → "宜昌市…", not "宜昌市市"; "吴兴区委…" → "长兴县委…", not "长兴县区委"
+        cut = 1 if c.text[-1:] in "区县市州" and after and after in "区县市州" else 0
+        result = result[:at] + c.text + result[at + len(first.text) + cut:]
         for o in others:  # "襄阳和荆门…" followed by "那宜昌呢": the new term replaces the whole group
             result = re.sub(rf"\s*(?:和|与|及|以及|、)?\s*{re.escape(o.text)}", "", result, count=1)
+    for c in new.constraints:  # 吴兴区委… with 长兴 in its place reads 长兴县委… (the level 长兴 has)
+        if c.kind == "place" and c.text == _PLACE_SUFFIX.sub("", c.text):
+            at = result.find(c.text) + len(c.text)
+            level = result[at:at + 1]
+            if level in "区县市" and level and c.text + level not in place_names():
+                other = next((x for x in "县区市" if c.text + x in place_names()), None)
+                if other:
+                    result = result[:at] + other + result[at + 1:]
     return result if result != previous else None

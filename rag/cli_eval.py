@@ -38,6 +38,16 @@ def cmd_eval(args) -> int:
     from rag.cli import _settings
     from rag.evaluate import check_thresholds, compare_reports, ensure_corpus_kb, parse_threshold, run_eval, _read_log
 
+    if args.table:
+        from rag.eval_table import answers_table
+
+        missing = [d for d in args.table if not (Path(d) / "report.json").is_file() and not Path(d).is_file()]
+        if missing:
+            raise ValueError(f"没有 report.json / no report.json in: {', '.join(missing)}")
+        print(answers_table([Path(d) for d in args.table]))
+        return 0
+    if not args.questions:
+        raise ValueError("需要问题文件或 --table / a questions file (or --table RUN_DIR ...) is required")
     for spec in args.fail_under:  # bad syntax fails before a long run, not after
         parse_threshold(spec)
     if not Path(args.questions).is_file():
@@ -88,7 +98,9 @@ def register(sub, common) -> None:
     """Add ``rag eval`` to the CLI (called by ``rag.cli.build_parser``)."""
     p = sub.add_parser("eval", parents=[common], help="评测检索/回答 evaluate retrieval (and answers)",
                        description="评测检索（及回答） evaluate retrieval (and answers) on a question set; exit 1 when --fail-under is missed")
-    p.add_argument("questions", help="问题 JSONL: gold_ids/gold_groups or gold_docs/gold_quotes")
+    p.add_argument("questions", nargs="?", help="问题 JSONL: gold_ids/gold_groups or gold_docs/gold_quotes")
+    p.add_argument("--table", nargs="+", metavar="RUN_DIR",
+                   help="并排列出各次运行的回答指标 answer metrics of earlier runs side by side (no new run)")
     p.add_argument("--corpus", help="语料 corpus .jsonl (or folder): build/reuse an eval KB instead of --kb")
     p.add_argument("--retrieval-only", action="store_true", help="只评测检索 skip the answer step")
     p.add_argument("--llm", choices=["local", "openai", "extractive"], help="answer backend (when answers exist)")
