@@ -309,7 +309,7 @@ class Answerer:
                 result.sentences = [asdict(s) for s in check.sentences]
                 result.unsupported_sentences = check.unsupported
                 result.citations = self.citations_for(check.used_numbers, check.sentences, hits)
-                if backend != "extractive" and messages is not None:
+                if backend != "extractive" and messages is not None and self.settings.llm_judge_threshold > 0:
                     result.judge = self.judge(backend, messages, text)
                     threshold = self.settings.llm_judge_threshold
                     if result.judge is not None and result.judge < threshold:
