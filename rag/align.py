@@ -368,22 +368,34 @@ def subject_overlap(frame: QuestionFrame, text: str) -> float:
     return sum(1 for w in frame.subject if w in norm) / len(frame.subject)
 
 
-def target_named(frame: QuestionFrame, text: str) -> bool:
-    """The evidence names an asked-for thing: its head word (or half of the head's bigrams:
-    "资金投入" is named by "投入资金"), and a third of the whole phrase's bigrams
-    ("人均可支配收入" is not named by "村集体经营性收入")."""
+# Ways news names a winner: 冠军 ~ 金牌得主 ~ 夺冠 ~ 夺得金牌.
+_WINNER = re.compile(r"冠军|金牌|夺冠|夺金|得主|折桂|第一名|摘得桂冠")
+
+
+def target_named(frame: QuestionFrame, sentence: str, window: str | None = None) -> bool:
+    """The evidence names an asked-for thing: its head word in ``sentence`` (or half of the
+    head's bigrams: "资金投入" is named by "投入资金"), and a third of the whole phrase's
+    bigrams ("人均可支配收入" is not named by "村集体经营性收入").
+
+    For a person asked for, the head may be said another way (金牌得主 ~ 冠军: one bigram, or
+    any winner word, in ``sentence``) and the phrase may sit in ``window`` (the sentence with
+    the one before it).
+    """
     if not frame.target:
         return True
-    norm, text_grams = normalise(text), bigrams(text)
+    norm, grams = normalise(sentence), bigrams(sentence)
+    wide = bigrams(window) if window else grams
     for words in frame.target:
         if frame.asks == "who" and _ROLE.search(words[-1]):
-            return True  # a role is checked where the name stands (names_person_in_role)
+            return True  # an office is checked where the name stands (names_person_in_role)
         head, phrase = bigrams(words[-1]), bigrams("".join(words))
-        # A person asked for (金牌得主 ~ 冠军 ~ 夺得金牌) is named in too many ways for its head:
-        # the phrase must still be there (单人滑比赛…).
-        head_named = frame.asks == "who" or words[-1] in norm or (
-            len(head) > 1 and len(head & text_grams) >= 0.5 * len(head))
-        if head_named and len(phrase & text_grams) >= len(phrase) / 3:
+        if frame.asks == "who":
+            head_named = bool(head & grams) or bool(_WINNER.search(words[-1]) and _WINNER.search(sentence))
+            phrase_grams = wide
+        else:
+            head_named = words[-1] in norm or (len(head) > 1 and len(head & grams) >= 0.5 * len(head))
+            phrase_grams = grams
+        if head_named and len(phrase & phrase_grams) >= len(phrase) / 3:
             return True
     return False
 
@@ -528,7 +540,7 @@ def align(clause: str, passage: str, frame: QuestionFrame, context: str = "", ab
             # The subject may be named in the sentence before (a heading, an FAQ's question);
             # the asked-for thing of an amount must be named where the number is.
             overlap = subject_overlap(frame, window)
-            on_target = target_named(frame, sentence if frame.asks == "quantity" else window)
+            on_target = target_named(frame, sentence if frame.asks in ("quantity", "who") else window, window)
             person = names_person_in_role(frame, sentence, body, context)
             about_number = _number_clause_problem(frame, sentence, body)
             ok = not missing and overlap >= min_subject and on_target and person and not about_number
