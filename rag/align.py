@@ -67,7 +67,8 @@ _ASKS_WHO = re.compile(r"是谁|谁是|哪位|姓名|叫什么名字|由谁")
 # Offices, written next to the holder's name in Chinese news (统战部部长 杨永章, 总理阿尔巴内塞).
 # Creative and sporting roles (导演, 主演, 冠军) are said in too many ways (由韩寒执导) to check so.
 _ROLE = re.compile(r"(?:长|书记|主任|主席|总裁|总统|总理|首相|委员|经理|董事|大使|发言人)$")
-_HAS_AMOUNT = re.compile(r"\d|[零〇一二两三四五六七八九十百千万亿]+(?:余|多)?[个位名项家次场人条所种天年月届倍成元部支期批座户亿万%]")
+_HAS_AMOUNT = re.compile(r"\d|百分之|[零〇一二两三四五六七八九十百千万亿]{2,}"
+                         r"|[零〇一二两三四五六七八九十百千万亿]+(?:余|多)?[个位名项家次场人条所种天年月届倍成元部支期批座户亿万%]")
 # Where the asked-for thing is named: after 多少/几 (+ measure word), or before 是谁/是多少/叫什么.
 _TARGET_AFTER = re.compile(
     r"(?:多少|几)[个位名项家次场人条所种天年月届倍成元部支期批座户]?(.{2,12}?)(?=[？?。，,、；;]|和|以及|及|与|多少|几|$)")

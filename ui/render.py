@@ -58,7 +58,9 @@ def _sentence_html(turn: int, sentence: dict, titles: dict[int, str]) -> str:
     inner = f"{esc(body)}{chips}{esc(punct)}"
     if sentence["supported"]:
         return f'<span class="sent">{inner}</span>'
-    return (f'<span class="sent unsupported" title="核对：资料中没有找到这句话的依据 / not supported by the sources">'
+    why = f" ({sentence['reason']})" if sentence.get("reason") else ""
+    title = esc(f"核对：资料中没有找到这句话的依据 / not supported by the sources{why}")
+    return (f'<span class="sent unsupported" title="{title}">'
             f'{inner}<span class="flag">⚠未核实</span></span>')
 
 
