@@ -69,6 +69,19 @@ class Settings(BaseSettings):
     # HTTP API (rag api): bearer token clients must send; None = no auth, loopback only.
     api_key: str | None = None
 
+    # Input bounds (every entry point: CLI, UI, API). Safe defaults; see README "Guarantees".
+    max_question_chars: int = 2000  # a question (or follow-up) longer than this is refused
+    max_messages: int = 64  # chat messages per API request
+    max_message_chars: int = 20000  # one chat message (history included) in the API
+    max_request_bytes: int = 1_000_000  # API request body
+    max_docx_inflated_mb: float = 200.0  # a .docx whose XML inflates beyond this is refused
+    max_html_nodes: int = 200_000  # an HTML file with more elements than this is refused
+    max_upload_files: int = 200  # files per UI upload
+
+    # One writer per knowledge base across processes: a second writer waits this long for
+    # the lock file (index/<kb>/write.lock), saying so, then fails with a clear message.
+    write_lock_timeout: float = 600.0
+
     @property
     def kb_dir(self) -> Path:
         return Path(self.home) / self.kb
