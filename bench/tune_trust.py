@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from rag import metrics as M  # noqa: E402
-from rag.align import dominant_place  # noqa: E402
+from rag.places import dominant_place  # noqa: E402
 from rag.cite import verify  # noqa: E402
 from rag.config import Settings  # noqa: E402
 from rag.evaluate import Question  # noqa: E402

@@ -11,7 +11,6 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Iterator
 
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
@@ -20,7 +19,10 @@ from langchain_core.prompts import ChatPromptTemplate, PromptTemplate
 from langchain_core.runnables import RunnableLambda
 
 from rag.clean import is_heading_line
-from rag.align import align, dominant_place, question_frame, resolve_followup
+from rag.align import align
+from rag.followup import resolve_followup
+from rag.frame import question_frame
+from rag.places import dominant_place
 from rag.cite import Citation, best_quote, bigrams, locate, split_sentences, verify
 from rag.config import PROJECT_ROOT, Settings
 from rag.focus import focus, question_grams
@@ -111,7 +113,7 @@ class Answerer:
         self._doc_places: dict[str, str | None] = {}  # doc id → the place it is about (rag.align)
 
     def place_of(self, hit: Hit) -> str | None:
-        """The place a passage's document is about (``rag.align.dominant_place``), cached per document."""
+        """The place a passage's document is about (``rag.places.dominant_place``), cached per document."""
         doc_id = hit.chunk.doc_id
         if doc_id not in self._doc_places:
             doc = self.searcher.kb.document_text(doc_id)
@@ -143,7 +145,7 @@ class Answerer:
         """Standalone version of a follow-up question (unchanged without history).
 
         A follow-up that only names a new place, year or organisation ("那宜昌呢?") is the
-        previous question about the new one (``rag.align.resolve_followup``), for every
+        previous question about the new one (``rag.followup.resolve_followup``), for every
         backend and without an LLM call; anything else goes to the LLM's rewrite prompt.
         """
         turns = [m for m in history if m.get("role") in ("user", "assistant") and m.get("content")]

@@ -14,6 +14,8 @@ import re
 import unicodedata
 from dataclasses import asdict, dataclass, field
 
+from rag.align import align
+from rag.frame import question_frame
 from rag.zh import MARKER, NUMBER, bigrams, normalise, sentence_spans, split_sentences  # noqa: F401 (re-exported)
 
 SUPPORT_THRESHOLD = 0.5  # bigram recall needed to call a sentence supported (see README)
@@ -131,10 +133,8 @@ def verify(answer: str, passages: list[str], threshold: float = SUPPORT_THRESHOL
         question: the (standalone) question answered; what the answer only repeats from it is
             not evidence, and its frame is what the evidence must be about.
         contexts: per passage, its document title and section path (read as part of it).
-        places: per passage, the place its document is about (``rag.align.dominant_place``).
+        places: per passage, the place its document is about (``rag.places.dominant_place``).
     """
-    from rag.align import align, question_frame
-
     frame = question_frame(question) if question.strip() else None
     contexts = contexts or [""] * len(passages)
     places = places or [None] * len(passages)

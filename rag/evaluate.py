@@ -113,8 +113,8 @@ class Question:
     @property
     def search_query(self) -> str:
         """What retrieval-only evaluation searches: a follow-up made standalone by the rule the
-        answer step applies first (``rag.align.resolve_followup``), else the question itself."""
-        from rag.align import resolve_followup
+        answer step applies first (``rag.followup.resolve_followup``), else the question itself."""
+        from rag.followup import resolve_followup
 
         previous = next((m["content"] for m in reversed(self.history) if m["role"] == "user"), "")
         return (resolve_followup(self.question, previous) if previous else None) or self.question

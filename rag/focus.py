@@ -9,7 +9,6 @@ into, the whole chunk.
 """
 from __future__ import annotations
 
-import re
 
 from rag.tokens import count_tokens
 from rag.zh import CLAUSE as _CLAUSE

@@ -5,7 +5,10 @@ while the passage was about another place, another thing, or only asked a questi
 """
 from __future__ import annotations
 
-from rag.align import align, dominant_place, question_frame, resolve_followup
+from rag.align import align
+from rag.followup import resolve_followup
+from rag.frame import question_frame
+from rag.places import dominant_place
 from rag.cite import answer_units, verify
 
 XIANGYANG = ("以基层统战工作规范化、制度化、标准化建设为着力点,设立统战工作服务站2837个,"

@@ -6,7 +6,6 @@ and the real local GGUF model.
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 

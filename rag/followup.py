@@ -1,0 +1,62 @@
+"""Follow-ups that only name a new place, year or organisation ("那宜昌呢?"), written as the
+previous question about it, by rule: no LLM call, the same for every backend."""
+from __future__ import annotations
+
+import re
+import unicodedata
+
+from rag.frame import question_frame
+from rag.places import PLACE_SUFFIX, place_names
+from rag.zh import QUESTION_WORDS, normalise
+
+_FOLLOWUP_HEAD = re.compile(r"^\s*(?:那么|那|还有|再问一下|另外|而)\s*(?:在)?")
+_FOLLOWUP_TAIL = re.compile(r"(?:的情况|的呢|情况呢|呢|怎么样|如何|又如何|又是多少|有多少|是多少|多少|是谁|是什么|又是谁)?\s*[？?。！!]*\s*$")
+_ENTITY_KINDS = ("place", "org", "person", "name", "quoted")
+
+
+def resolve_followup(question: str, previous: str) -> str | None:
+    """A short follow-up that only names a new place, year or organisation, written as the
+    previous question about it: "那宜昌呢?" after "襄阳设立了多少个统战工作服务站?" →
+    "宜昌设立了多少个统战工作服务站?". None when the follow-up says more than that, or the
+    previous question has no term of that kind to replace (then the LLM rewrites it).
+
+    Args:
+        question: the follow-up as typed.
+        previous: the previous question, standalone.
+    """
+    core = _FOLLOWUP_TAIL.sub("", _FOLLOWUP_HEAD.sub("", unicodedata.normalize("NFKC", question))).strip()
+    if not core or len(core) > 16:
+        return None
+    new = question_frame(core)
+    if not new.constraints:
+        return None
+    rest = core
+    for c in new.constraints:
+        rest = rest.replace(c.text, " ")
+    if normalise(QUESTION_WORDS.sub("", re.sub(r"[和与及、]", "", rest))):
+        return None  # the follow-up says something besides the new terms
+    old = question_frame(previous)
+    result = previous
+    for c in new.constraints:
+        family = ("time",) if c.kind == "time" else _ENTITY_KINDS
+        same = [o for o in old.constraints if o.kind == c.kind] or [o for o in old.constraints if o.kind in family]
+        if not same:
+            return None
+        group = [o for o in old.constraints if o.group == same[0].group]
+        first, *others = group
+        at = result.find(first.text)
+        after = result[at + len(first.text):at + len(first.text) + 1]
+        # "襄阳市…" → "宜昌市…", not "宜昌市市"; "吴兴区委…" → "长兴县委…", not "长兴县区委"
+        cut = 1 if c.text[-1:] in "区县市州" and after and after in "区县市州" else 0
+        result = result[:at] + c.text + result[at + len(first.text) + cut:]
+        for o in others:  # "襄阳和荆门…" followed by "那宜昌呢": the new term replaces the whole group
+            result = re.sub(rf"\s*(?:和|与|及|以及|、)?\s*{re.escape(o.text)}", "", result, count=1)
+    for c in new.constraints:  # 吴兴区委… with 长兴 in its place reads 长兴县委… (the level 长兴 has)
+        if c.kind == "place" and c.text == PLACE_SUFFIX.sub("", c.text):
+            at = result.find(c.text) + len(c.text)
+            level = result[at:at + 1]
+            if level in "区县市" and level and c.text + level not in place_names():
+                other = next((x for x in "县区市" if c.text + x in place_names()), None)
+                if other:
+                    result = result[:at] + other + result[at + 1:]
+    return result if result != previous else None

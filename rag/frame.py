@@ -1,0 +1,175 @@
+"""Step 8a (1/2) — frame: what a question asks, read so evidence can be checked against it.
+
+- **constraints**: places (jieba's POS tags plus the gazetteer of ``rag.places``), organisations,
+  people, quoted names, times (2021年, 11月23日, 上半年, "2021-2022赛季"), numbers that identify
+  the thing asked about (男子1500米), the national scope (我国, 全国);
+- the **subject**: the remaining content words;
+- the **target**: per asked-for item, the subject words that name it (多少个**服务站**,
+  **部长**是谁), head last;
+- what kind of answer is **asked**: an amount, a time, a person.
+"""
+from __future__ import annotations
+
+import re
+import unicodedata
+from dataclasses import dataclass
+from functools import lru_cache
+
+from rag.places import PLACE_SUFFIX, place_names, pos_tagger, word_frequencies
+from rag.zh import MARKER, QUESTION_WORDS, normalise
+from rag.zh import NUMBER as _NUMBER
+
+# jieba POS tags that name a specific thing the evidence must be about.
+# ("j", abbreviations, is left out: jieba gives it to 一共 and 政企 as much as to 冬奥会.)
+_ENTITY_TAGS = {"ns": "place", "nt": "org", "nr": "person", "nrt": "person", "nrfg": "person",
+                "nz": "name", "eng": "name"}
+
+# Time expressions, longest first: 2021年11月23日, 2021年, 11月23日, 上半年, 一季度, 前三季度...
+_TIME = re.compile(
+    r"\d{4}\s*[-–—/至到]\s*\d{2,4}(?:\s*(?:赛季|年度|财年|学年|年))?|(?:19|20)\d{2}(?=[\u4e00-\u9fff])(?!年)|\d{4}\s*年(?:\s*\d{1,2}\s*月(?:\s*\d{1,2}\s*[日号])?)?|\d{1,2}\s*月\s*\d{1,2}\s*[日号]|\d{1,2}\s*月份?"
+    r"|\d{4}(?=\s*(?:年|届|赛季|财年))|[上下]半年|[前后]?[一二三四1-4]\s*季度|第[一二三四1-4]\s*季度")
+
+# A number that identifies what is asked about (男子1500米, iPhone SE 3, 第5届): the evidence
+# must carry it, and not only inside a longer number (500米, 3000元).
+_QUESTION_NUMBER = re.compile(r"(?<![\d.])\d+(?:\.\d+)?(?![\d.])")
+
+_NATIONAL = re.compile(r"我国|全国|中国|国内")
+
+_NATIONAL_FORMS = ("中国", "全国", "我国", "国内", "国家")
+
+_QUOTED = re.compile(r"[“\"《「『]([^”\"》」』]{2,20})[”\"》」』]")
+
+# Coordination between two constraints of one kind: either may be the one a clause is about.
+_COORDINATION = re.compile(r"^\s*(?:和|与|及|以及|跟|同|或|或者|还是|、|，|,|/)\s*$")
+# A question that asks for an amount, or a time, or a person.
+_ASKS_QUANTITY = re.compile(r"(?:人数|数量|金额|价格|售价|票价|产量|销量|交付量|票房|规模|总额|增速|增幅|增长率|出生率|死亡率|失业率|利率|涨幅|跌幅|营收|收入|利润|GDP|总值|排名)[？?]?$|多少|几[个位名项家次场人条所种天年月届倍成]|多长|多高|多大|多远|多重|多宽|多深|比例|百分之|增长率|增速")
+_ASKS_TIME = re.compile(r"哪年|哪一年|哪天|何时|什么时候|什么时间|几月|几号|(?<![一-龥])时间$|的时间|日期")
+_ASKS_WHO = re.compile(r"是谁|谁是|哪位|姓名|叫什么名字|由谁")
+# Where the asked-for thing is named: after 多少/几 (+ measure word), or before 是谁/是多少/叫什么.
+_TARGET_AFTER = re.compile(
+    r"(?:多少|几)[个位名项家次场人条所种天年月届倍成元部支期批座户]?(.{2,12}?)(?=[？?。，,、；;]|和|以及|及|与|多少|几|$)")
+_TARGET_BEFORE = re.compile(r"([^，,。？?]{2,10}?)(?:是谁|叫什么|是什么|是多少|有多少|增长了?多少|多少|的?时间|日期|是哪|在哪|什么时候)")
+# Words that carry no subject: function words and words of asking.
+_STOP_WORDS = set("的 了 是 在 和 与 及 也 就 都 而 或 被 把 对 为 这 那 个 有 共 共有 一共 总共 目前 现在 已经"
+                  " 分别 各 其 该 之 等 中 年 月 日 时间 情况 数量 人数 多少".split())
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """A term of the question the evidence must mention.
+
+    Attributes:
+        text: the term as written in the question.
+        kind: ``place``, ``org``, ``person``, ``name``, ``quoted`` or ``time``.
+        forms: normalised spellings any one of which counts (宜昌市 → 宜昌市, 宜昌).
+        group: constraints with the same group are alternatives ("襄阳和宜昌").
+    """
+
+    text: str
+    kind: str
+    forms: tuple[str, ...]
+    group: int
+
+
+@dataclass(frozen=True)
+class QuestionFrame:
+    """What a question is about: its constraints and the words of its subject."""
+
+    question: str
+    constraints: tuple[Constraint, ...]
+    subject: tuple[str, ...]  # normalised content words (统战工作, 服务站, 设立)
+    # Per asked-for item, its subject words, head last: (("基层", "统战", "品牌"),), (("部长",),)
+    target: tuple[tuple[str, ...], ...] = ()
+    asks: str = ""  # "quantity", "time", "who" or "" (a fact, a name of a thing...)
+
+    @property
+    def groups(self) -> list[list[Constraint]]:
+        by_group: dict[int, list[Constraint]] = {}
+        for c in self.constraints:
+            by_group.setdefault(c.group, []).append(c)
+        return list(by_group.values())
+
+
+def _forms(term: str, kind: str) -> tuple[str, ...]:
+    norm = normalise(term)
+    forms = {norm}
+    if kind == "place":
+        core = PLACE_SUFFIX.sub("", norm)
+        if len(core) >= 2:
+            forms.add(core)
+    if kind == "time":
+        year = re.fullmatch(r"(\d{4})年?", norm)
+        if year:
+            forms.add(year.group(1))
+    if kind == "national":
+        forms.update(_NATIONAL_FORMS)
+    return tuple(sorted(forms, key=len))
+
+
+def _miscut(word: str) -> bool:
+    """A two-character CJK word jieba hardly knows is mostly its mis-cut (中断电会 → 中断/电会)."""
+    return len(word) == 2 and bool(re.fullmatch(r"[\u4e00-\u9fff]{2}", word)) and word_frequencies().get(word, 0) < 10
+
+
+@lru_cache(maxsize=2048)
+def question_frame(question: str) -> QuestionFrame:
+    """Constraints and subject words of a (standalone) question.
+
+    Args:
+        question: the question as retrieval saw it (a rewritten follow-up included).
+    """
+    text = unicodedata.normalize("NFKC", MARKER.sub("", question))
+    found: list[tuple[int, int, str, str]] = []  # start, end, term, kind
+    for m in _TIME.finditer(text):
+        found.append((m.start(), m.end(), m.group(), "time"))
+    for m in _QUOTED.finditer(text):
+        found.append((m.start(1), m.end(1), m.group(1), "quoted"))
+    for m in _NATIONAL.finditer(text):
+        found.append((m.start(), m.end(), m.group(), "national"))
+    taken = [(a, b) for a, b, _, _ in found]
+    for m in _QUESTION_NUMBER.finditer(text):
+        if not any(a <= m.start() < b for a, b in taken):
+            found.append((m.start(), m.end(), m.group(), "number"))
+    taken = [(a, b) for a, b, _, _ in found]
+    subject: list[str] = []
+    tags: dict[str, str] = {}
+    position = 0
+    for word in pos_tagger().cut(text):
+        start, end = position, position + len(word.word)
+        position = end
+        if any(a <= start < b or a < end <= b for a, b in taken):
+            continue
+        w = word.word.strip()
+        kind = "place" if w in place_names() else _ENTITY_TAGS.get(word.flag)
+        if kind and len(normalise(w)) >= 2 and not QUESTION_WORDS.search(w):
+            found.append((start, end, w, kind))
+        elif len(w) >= 2 and w not in _STOP_WORDS and normalise(w) and not QUESTION_WORDS.search(w) \
+                and not _NUMBER.fullmatch(w) and not _miscut(w):
+            subject.append(normalise(w))
+            tags[normalise(w)] = word.flag
+    found.sort()
+    constraints: list[Constraint] = []
+    group = -1
+    previous_end, previous_kind = None, None
+    for start, end, term, kind in found:
+        coordinated = (previous_end is not None and kind == previous_kind
+                       and _COORDINATION.match(text[previous_end:start]) is not None)
+        if not coordinated:
+            group += 1
+        constraints.append(Constraint(term, kind, _forms(term, kind), group))
+        previous_end, previous_kind = end, kind
+    asks = ("quantity" if _ASKS_QUANTITY.search(text) else "time" if _ASKS_TIME.search(text)
+            else "who" if _ASKS_WHO.search(text) else "")
+    subject = list(dict.fromkeys(subject))
+    target: list[str] = []
+    for pattern in (_TARGET_AFTER, _TARGET_BEFORE):
+        for m in pattern.finditer(text):  # one head per asked item ("多少服务站、多少品牌")
+            phrase = normalise(m.group(1))
+            named = sorted((w for w in subject if w in phrase), key=phrase.find)
+            # before 多少 the head must be a noun (净利润是多少), not a verb (逃税了多少钱)
+            if named and (pattern is _TARGET_AFTER or asks != "quantity" or tags.get(named[-1], "").startswith("n")):
+                target.append(tuple(named))  # in phrase order, so the head noun is last (…统战品牌 → 品牌)
+        if target:
+            break
+    target = list(dict.fromkeys(target))
+    return QuestionFrame(question, tuple(constraints), tuple(subject), tuple(target), asks)
