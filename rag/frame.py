@@ -42,8 +42,9 @@ _QUOTED = re.compile(r"[“\"《「『]([^”\"》」』]{2,20})[”\"》」』]
 # Coordination between two constraints of one kind: either may be the one a clause is about.
 _COORDINATION = re.compile(r"^\s*(?:和|与|及|以及|跟|同|或|或者|还是|、|，|,|/)\s*$")
 # A question that asks for an amount, or a time, or a person.
-_ASKS_QUANTITY = re.compile(r"(?:人数|数量|金额|价格|售价|票价|产量|销量|交付量|票房|规模|总额|增速|增幅|增长率|出生率|死亡率|失业率|利率|涨幅|跌幅|营收|收入|利润|GDP|总值|排名)[？?]?$|多少|几[个位名项家次场人条所种天年月届倍成]|多长|多高|多大|多远|多重|多宽|多深|比例|百分之|增长率|增速")
-_ASKS_TIME = re.compile(r"哪年|哪一年|哪天|何时|什么时候|什么时间|几月|几号|(?<![一-龥])时间$|的时间|日期")
+_ASKS_QUANTITY = re.compile(r"(?:人数|数量|金额|价格|售价|票价|产量|销量|交付量|票房|规模|总额|增速|增幅|增长率|出生率|死亡率|失业率|利率|涨幅|跌幅|营收|收入|利润|GDP|总值|排名|数)[？?]?$|多少|几[个位名项家次场人条所种天年月届倍成]|多长|多高|多大|多远|多重|多宽|多深|比例|百分之|增长率|增速")
+_ASKS_TIME = re.compile(r"哪年|哪一年|哪天|何时|什么时候|什么时间|几月|几号|时间[？?]?$|的时间|日期")
+_ASKS_PLACE = re.compile(r"在哪里|在哪儿|哪里|何地|何处|地点|位于哪")
 _ASKS_WHO = re.compile(r"是谁|谁是|哪位|姓名|叫什么名字|由谁")
 # Where the asked-for thing is named: after 多少/几 (+ measure word), or before 是谁/是多少/叫什么.
 _TARGET_AFTER = re.compile(
@@ -80,7 +81,7 @@ class QuestionFrame:
     subject: tuple[str, ...]  # normalised content words (统战工作, 服务站, 设立)
     # Per asked-for item, its subject words, head last: (("基层", "统战", "品牌"),), (("部长",),)
     target: tuple[tuple[str, ...], ...] = ()
-    asks: str = ""  # "quantity", "time", "who" or "" (a fact, a name of a thing...)
+    asks: str = ""  # "quantity", "time", "who", "place" or "" (a fact, a name of a thing...)
 
     @property
     def groups(self) -> list[list[Constraint]]:
@@ -101,6 +102,9 @@ def _forms(term: str, kind: str) -> tuple[str, ...]:
         year = re.fullmatch(r"(\d{4})年?", norm)
         if year:
             forms.add(year.group(1))
+        date = re.search(r"\d{1,2}月\d{1,2}[日号]", norm)
+        if date:  # 2022年1月5日 is also written 1月5日
+            forms.add(date.group())
     if kind == "national":
         forms.update(_NATIONAL_FORMS)
     return tuple(sorted(forms, key=len))
@@ -159,7 +163,7 @@ def question_frame(question: str) -> QuestionFrame:
         constraints.append(Constraint(term, kind, _forms(term, kind), group))
         previous_end, previous_kind = end, kind
     asks = ("quantity" if _ASKS_QUANTITY.search(text) else "time" if _ASKS_TIME.search(text)
-            else "who" if _ASKS_WHO.search(text) else "")
+            else "who" if _ASKS_WHO.search(text) else "place" if _ASKS_PLACE.search(text) else "")
     subject = list(dict.fromkeys(subject))
     target: list[str] = []
     for pattern in (_TARGET_AFTER, _TARGET_BEFORE):
