@@ -16,10 +16,13 @@ names this module cannot know (the machine's names, its addresses, a reverse pro
 ``rag serve`` only binds there behind a password: a rebound page has no session for the
 attacker's name, so it gets the login page, not the documents. There **any Host is
 accepted** unless the operator gives an allow-list (``rag serve --allowed-hosts`` /
-``RAG_UI_ALLOWED_HOSTS``); with a list, only the listed names and loopback names (with the
-right port) are accepted. On a loopback bind the list adds names to the loopback ones
-(e.g. ``localhost:9000`` for an SSH tunnel ``-L 9000:127.0.0.1:7860``, or a local
-reverse proxy's name).
+``RAG_UI_ALLOWED_HOSTS``); with a list, only the listed names, loopback names and the bind
+address itself (both with the right port) are accepted. On a loopback bind the list adds
+names to the loopback ones (e.g. ``localhost:9000`` for an SSH tunnel
+``-L 9000:127.0.0.1:7860``, or a local reverse proxy's name).
+
+The HTTP API keeps its own rule (key-based, not bind-based): without ``RAG_API_KEY`` only
+loopback ``Host`` names (any port) are answered; it uses ``is_loopback`` from here.
 
 An allow-list entry is ``name`` (any port) or ``name:port``; ``[v6]:port`` for IPv6.
 """
@@ -140,9 +143,18 @@ def host_allowed(header: str | None, bind: str, port: int | None, allowed: Itera
     allowed = list(allowed)
     if not is_loopback(bind) and not allowed:
         return True  # behind the password: see the module docstring
-    if is_loopback(name) and (port is None or given == port):
-        return True
+    right_port = port is None or given == port
+    if right_port and (is_loopback(name) or _same_address(name, bind)):
+        return True  # loopback, or the address it listens on (Gradio's own start-up check uses it)
     return _listed(name, given, allowed)
+
+
+def _same_address(name: str, bind: str) -> bool:
+    try:
+        bound, _ = split_host(bind)
+    except ValueError:
+        return False
+    return name == bound
 
 
 class HostGuard:

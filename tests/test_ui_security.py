@@ -176,6 +176,8 @@ def test_netguard_loopback_names_and_host_rules():
     assert host_allowed("rag.lan:7860", "0.0.0.0", 7860, allowed=["rag.lan"])
     assert not host_allowed("evil.example:7860", "0.0.0.0", 7860, allowed=["rag.lan"])
     assert host_allowed("localhost:7860", "0.0.0.0", 7860, allowed=["rag.lan"])  # Gradio's own start-up check
+    assert host_allowed("192.168.1.5:7860", "192.168.1.5", 7860, allowed=["rag.lan"])  # ... on a LAN bind
+    assert not host_allowed("192.168.1.5:7861", "192.168.1.5", 7860, allowed=["rag.lan"])
 
 
 def test_ui_bind_uses_the_shared_loopback_check():

@@ -8,6 +8,10 @@ Usage::
 
     app = create_app(Settings(kb="demo"))
     app.launch(host="127.0.0.1", port=7860)
+
+The server only answers requests whose ``Host`` header ``rag.netguard`` allows for its
+bind address (loopback bind: loopback names with its port), so a web page cannot drive
+it through DNS rebinding.
 """
 from __future__ import annotations
 
@@ -15,9 +19,11 @@ import tempfile
 from pathlib import Path
 
 import gradio as gr
+from starlette.middleware import Middleware
 
 from rag.config import Settings
 from rag.load import SUPPORTED_SUFFIXES
+from rag.netguard import HostGuard, parse_allowed_hosts
 from ui.assets import BRIDGE_JS, CSS, SCROLL_TO_FOCUS_JS, theme
 from ui.bind import AUTH_USER, check_bind
 from ui.chat import ChatHandlers
@@ -29,6 +35,16 @@ from ui.services import KnowledgeBases
 # behind it; the local model itself is serialised by the lock in rag.llm.
 DEFAULT_CHAT_CONCURRENCY = 8
 CITATION_HINT = '<div class="muted">点击回答中的 [1] [2] 或下方“来源”，在这里查看原文出处。</div>'
+# Next to the API key field: the operator's key never follows a URL typed in the browser.
+KEY_NOTE = ("留空时：只有接口地址与服务端配置的 RAG_LLM_BASE_URL 相同，才使用服务端的 RAG_LLM_API_KEY；"
+            "改成其他地址时，服务端密钥不会发送，请填写你自己的密钥（否则不发送密钥）。"
+            " / Empty: the server's RAG_LLM_API_KEY is used only for the server's RAG_LLM_BASE_URL; it is "
+            "never sent to any other URL — enter your own key for it (otherwise no key is sent).")
+# Next to the delete button: what else keeps text of a deleted document.
+DELETE_NOTE = ("删除文档时，本界面“评测”页中引用它的评测记录（知识库目录下 `_eval_runs/`）会一并删除；"
+               "`rag eval` 命令行的运行目录（默认 `eval/runs/`）里的片段不会自动删除，请手动删除。"
+               " / Deleting a document also deletes this UI's eval runs that quote it; `rag eval` run folders "
+               "(default `eval/runs/`) keep snippets until you delete them.")
 BACKENDS = [("抽取式（不用大模型，最快）", "extractive"), ("本地模型（Qwen 1.5B，llama.cpp）", "local"),
             ("OpenAI 兼容接口", "openai")]
 
@@ -47,8 +63,9 @@ class RagApp:
         self.kbs = KnowledgeBases(settings)
         self._export_dir = tempfile.TemporaryDirectory(prefix="rag-export-")
         self.chat = ChatHandlers(self.kbs, Path(self._export_dir.name))
-        self.kb_panel = KBHandlers(self.kbs)
         self.eval_panel = EvalHandlers(self.kbs, Path(self._export_dir.name))
+        # Deleting a document also deletes the eval runs whose logs quote it.
+        self.kb_panel = KBHandlers(self.kbs, purge=self.eval_panel.purge_runs)
         self.blocks = self._build()
         self.blocks.queue(default_concurrency_limit=chat_concurrency)
 
@@ -97,6 +114,7 @@ class RagApp:
                                 to_delete = gr.Dropdown(label="选择要删除的文档", multiselect=True, choices=[], scale=3,
                                                         allow_custom_value=True, elem_id="rag-delete-pick")
                                 delete = gr.Button("删除所选文档", variant="stop", scale=1, elem_id="rag-delete")
+                            gr.Markdown(DELETE_NOTE, elem_classes=["muted"], elem_id="rag-delete-note")
                             with gr.Row():
                                 new_kb = gr.Textbox(label="新知识库名称", scale=3, elem_id="rag-new-kb")
                                 create = gr.Button("新建知识库", scale=1, elem_id="rag-create")
@@ -106,7 +124,8 @@ class RagApp:
                             with gr.Group(visible=s.llm_backend == "openai") as openai_box:
                                 base_url = gr.Textbox(label="接口地址 Base URL", value=s.llm_base_url)
                                 api_key = gr.Textbox(label="API Key", value="", type="password",
-                                                     placeholder="留空使用 RAG_LLM_API_KEY")
+                                                     placeholder="你的密钥 / your key", info=KEY_NOTE,
+                                                     elem_id="rag-api-key")
                                 model = gr.Textbox(label="模型名称", value=s.llm_model)
                             top_k = gr.Slider(1, 10, value=s.top_k, step=1, label="检索段落数 top-k")
                             show_details = gr.Checkbox(label="显示检索详情（改写后的问题、每段的 BM25 与向量分数）",
@@ -150,17 +169,33 @@ class RagApp:
         return blocks
 
     def launch(self, host: str = "127.0.0.1", port: int | None = 7860, password: str | None = None,
-               **kwargs):
+               allowed_hosts: list[str] | str | None = None, **kwargs):
         """Start the server (``prevent_thread_lock=True`` in kwargs to return at once).
+
+        Every request first passes ``rag.netguard.HostGuard``: bound to loopback, only
+        ``Host`` headers naming loopback with this port (or in ``allowed_hosts``) are
+        answered, others get 403; bound elsewhere (password required), any Host unless
+        ``allowed_hosts`` lists them. The guard is middleware of Gradio's FastAPI app
+        (``app_kwargs={"middleware": ...}``), in front of every route: pages, API, queue,
+        files, login (only Gradio's own CORS and compression layers run before it; a CORS
+        preflight is answered there, without data). SSR (a Node front proxy) and static file workers (other ports) would
+        answer without it, so both are off whatever ``GRADIO_SSR_MODE``/``GRADIO_NUM_WORKERS`` say.
 
         Raises:
             BindError: ``host`` is not a loopback address and no password was given.
+            ValueError: an ``allowed_hosts`` entry is not ``name`` or ``name:port``.
         """
         check_bind(host, password)
+        # The port Gradio really listens on (it picks one when ``port`` is None).
+        listening = port if port is not None else (lambda: getattr(self.blocks, "server_port", None))
+        guard = Middleware(HostGuard, bind=host, port=listening, allowed=parse_allowed_hosts(allowed_hosts))
+        app_kwargs = dict(kwargs.pop("app_kwargs", None) or {})
+        app_kwargs["middleware"] = [guard, *app_kwargs.get("middleware", [])]
         return self.blocks.launch(
             server_name=host, server_port=port, auth=(AUTH_USER, password) if password else None,
             auth_message=f"请输入访问密码（用户名 {AUTH_USER}）", css=CSS, theme=theme(),
-            max_file_size=int(self.settings.max_file_mb * 1e6), show_error=True, **kwargs)
+            max_file_size=int(self.settings.max_file_mb * 1e6), show_error=True, app_kwargs=app_kwargs,
+            ssr_mode=False, num_workers=0, **kwargs)
 
     def close(self) -> None:
         self.blocks.close()

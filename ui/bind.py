@@ -1,25 +1,20 @@
 """Where the web UI may listen: loopback freely, anywhere else only behind a password.
 
+Which ``Host`` headers it then answers is ``rag.netguard``'s business (``HostGuard``).
+
 Kept free of heavy imports so ``rag serve`` refuses a bad bind instantly.
 """
 from __future__ import annotations
 
-import ipaddress
+from rag.netguard import is_loopback
+
+__all__ = ["AUTH_USER", "BindError", "check_bind", "is_loopback"]
 
 AUTH_USER = "rag"  # the login name that goes with the access password
 
 
 class BindError(RuntimeError):
     """Refusing to expose the UI beyond this machine without a password."""
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def check_bind(host: str, password: str | None) -> None:

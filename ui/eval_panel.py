@@ -6,13 +6,17 @@ hit@k plot and ``report.md``; clicking a worst miss shows what was retrieved for
 
 Each run writes its own folder ``<home>/_eval_runs/<timestamp>`` (the ``_`` keeps it
 out of the KB list); the folder of a session's last run travels in a ``gr.State``.
+Its log and report quote retrieved passages, so deleting a document from a KB also
+deletes the finished runs of that KB that quote it (``EvalHandlers.purge_runs``).
 """
 from __future__ import annotations
 
 import json
 import logging
 import shutil
+import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import gradio as gr
@@ -69,6 +73,45 @@ def read_records(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+def _quotes(value, doc_ids: set[str]) -> bool:
+    """Whether a log record (any nesting: retrieved hits, answer citations) names one of ``doc_ids``."""
+    if isinstance(value, dict):
+        doc_id = value.get("doc_id")
+        if isinstance(doc_id, str) and doc_id in doc_ids:
+            return True
+        return any(_quotes(v, doc_ids) for v in value.values())
+    if isinstance(value, list):
+        return any(_quotes(v, doc_ids) for v in value)
+    return False
+
+
+def run_quotes(run_dir: Path, kb: str, doc_ids: set[str]) -> bool:
+    """Whether an eval run folder is a run over ``kb`` whose ``log.jsonl`` quotes one of ``doc_ids``.
+
+    A folder without a readable ``run.json`` (an unknown KB) is never claimed.
+    """
+    try:
+        config = json.loads((run_dir / "run.json").read_text(encoding="utf-8")).get("config") or {}
+    except (OSError, ValueError, AttributeError):
+        return False
+    if config.get("kb") != kb:
+        return False
+    try:
+        lines = (run_dir / "log.jsonl").read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return False
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:  # a torn last line: look for the id itself
+            if any(doc_id in line for doc_id in doc_ids):
+                return True
+            continue
+        if _quotes(record, doc_ids):
+            return True
+    return False
+
+
 def _answer_fn(answerer, backend: str, k: int):
     """``question -> dict`` over the app's shared ``Answerer``: the loaded LLM (and its lock)
     is the chat's one, not a second copy as ``make_answer_fn`` would load."""
@@ -94,16 +137,52 @@ class EvalHandlers:
     def __init__(self, kbs: KnowledgeBases, export_dir: Path):
         self.kbs = kbs
         self.export_dir = Path(export_dir)
+        self._active: set[Path] = set()  # run folders being written (resolved paths)
+        self._active_lock = threading.Lock()
 
     @property
     def runs_root(self) -> Path:
         return self.kbs.home / RUNS_DIR
 
     def _new_run_dir(self) -> Path:
+        """A fresh run folder, marked active until ``run`` is done with it."""
         stamp = time.strftime("%Y%m%d-%H%M%S") + f"-{time.time_ns() // 1_000_000 % 1000:03d}"
         run_dir = self.runs_root / stamp
         run_dir.mkdir(parents=True)  # exist_ok=False: two runs never share a log
+        with self._active_lock:
+            self._active.add(run_dir.resolve())
         return run_dir
+
+    def purge_runs(self, kb: str, doc_ids: Iterable[str]) -> tuple[list[str], list[str]]:
+        """Delete the run folders of ``kb`` (and their served report copies) whose log quotes
+        one of ``doc_ids``: their logs and reports keep snippets of those documents.
+
+        Only folders directly under ``<home>/_eval_runs`` are touched (never a symlink), and only
+        those whose ``run.json`` names ``kb``; a run still being written is left alone (it would
+        fail half-way) and reported. Returns ``(removed, skipped)`` folder names.
+        """
+        wanted = {d for d in doc_ids if d}
+        root = self.runs_root
+        removed: list[str] = []
+        skipped: list[str] = []
+        if not wanted or not root.is_dir() or root.is_symlink():
+            return removed, skipped
+        for run in sorted(root.iterdir()):
+            if run.is_symlink() or not run.is_dir() or not run_quotes(run, kb, wanted):
+                continue
+            with self._active_lock:
+                active = run.resolve() in self._active
+            if active:
+                skipped.append(run.name)
+                continue
+            shutil.rmtree(run)
+            served = self.export_dir / "eval" / run.name
+            if served.is_dir() and not served.is_symlink():
+                shutil.rmtree(served)
+            removed.append(run.name)
+        if removed:
+            log.info("deleted %d eval run(s) of %s quoting %s: %s", len(removed), kb, sorted(wanted), removed)
+        return removed, skipped
 
     def _target(self, source: str, kb: str, corpus_file: str | None) -> tuple[str, dict]:
         """(KB name to search, extra report config); builds the corpus KB when asked."""
@@ -152,19 +231,24 @@ class EvalHandlers:
         except (KnowledgeBaseError, RuntimeError, OSError, ValueError) as exc:
             raise gr.Error(str(exc)) from exc
         run_dir = self._new_run_dir()
-        # A copy next to the log: the run stays readable after Gradio clears its upload cache.
-        questions = run_dir / "input" / Path(questions_file).name
-        questions.parent.mkdir()
-        shutil.copyfile(questions_file, questions)
-        progress(0, desc=f"正在评测 {n_questions} 个问题…")
-        report = run_eval(questions, self.kbs.settings_for(kb), run_dir, k=k, mode=mode or "hybrid", limit=limit,
-                          answer_fn=answer_fn, searcher=searcher, progress=True, extra_config=extra)
-        records = read_records(run_dir)
-        status = self._status(report, records, kb, run_dir, time.perf_counter() - started)
-        served = self.export_dir / "eval" / run_dir.name
-        served.mkdir(parents=True, exist_ok=True)
-        for name in REPORT_FILES:
-            shutil.copyfile(run_dir / name, served / name)
+        try:
+            # A copy next to the log: the run stays readable after Gradio clears its upload cache.
+            questions = run_dir / "input" / Path(questions_file).name
+            questions.parent.mkdir()
+            shutil.copyfile(questions_file, questions)
+            progress(0, desc=f"正在评测 {n_questions} 个问题…")
+            report = run_eval(questions, self.kbs.settings_for(kb), run_dir, k=k, mode=mode or "hybrid",
+                              limit=limit, answer_fn=answer_fn, searcher=searcher, progress=True,
+                              extra_config=extra)
+            records = read_records(run_dir)
+            status = self._status(report, records, kb, run_dir, time.perf_counter() - started)
+            served = self.export_dir / "eval" / run_dir.name
+            served.mkdir(parents=True, exist_ok=True)
+            for name in REPORT_FILES:
+                shutil.copyfile(run_dir / name, served / name)
+        finally:
+            with self._active_lock:
+                self._active.discard(run_dir.resolve())
         return (status, metric_rows(report), str(served / "hit_at_k.png"),
                 (run_dir / "report.md").read_text(encoding="utf-8"),
                 [str(served / "report.json"), str(served / "report.md")],

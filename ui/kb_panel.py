@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import gradio as gr
@@ -30,8 +31,18 @@ def _forget_uploads(files: list[str]) -> None:
 
 
 class KBHandlers:
-    def __init__(self, kbs: KnowledgeBases):
+    """Callbacks of the 知识库 tab.
+
+    Args:
+        kbs: the app's knowledge bases.
+        purge: ``(kb, doc_ids) -> (removed, skipped)``, called after documents are deleted to
+            delete what else quotes them (the eval runs, ``EvalHandlers.purge_runs``).
+    """
+
+    def __init__(self, kbs: KnowledgeBases,
+                 purge: Callable[[str, list[str]], tuple[list[str], list[str]]] | None = None):
         self.kbs = kbs
+        self.purge = purge
 
     def choices(self, selected: str | None = None) -> list[str]:
         # The configured KB is offered even before it exists: the first upload creates it.
@@ -100,7 +111,25 @@ class KBHandlers:
         status = f"✓ 已删除 {len(removed)} 个文档：{'、'.join(removed)}（之后的回答不会再引用它们）"
         if missing:
             status += f"\n\n未找到：{'、'.join(missing)}"
+        if removed and self.purge is not None:
+            status += self._purge(self.kbs.check_name(kb), removed)
         return (*self.view(kb), status)
+
+    def _purge(self, kb: str, removed: list[str]) -> str:
+        """Delete the eval runs quoting the deleted documents; the status line about it."""
+        try:
+            runs, running = self.purge(kb, removed)
+        except OSError as exc:  # the documents are gone already; say what is left
+            log.exception("purging eval runs failed")
+            return f"\n\n⚠ 引用这些文档的评测记录没有全部删除 / eval runs not fully deleted: {exc}"
+        lines = ""
+        if runs:
+            lines += f"\n\n✓ 同时删除了引用这些文档的 {len(runs)} 条评测记录：{'、'.join(runs)}"
+        if running:
+            lines += (f"\n\n⚠ 正在进行的评测 {'、'.join(running)} 引用了这些文档，没有删除；结束后请手动删除"
+                      f"知识库目录下的 _eval_runs/{running[0]} / a running eval quotes these documents: "
+                      f"delete its folder when it is done")
+        return lines
 
     def reindex(self, kb: str, progress=gr.Progress()):
         progress(0, desc="正在重建索引…")

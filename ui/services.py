@@ -28,6 +28,20 @@ from rag.store import DocumentInfo, KnowledgeBase, KnowledgeBaseError
 _KB_NAME = re.compile(r"[^\W_][\w.\-]{0,63}")
 
 
+# Sent instead of the operator's key to an endpoint the browser chose without a key of its own
+# (the same placeholder rag.llm sends for an empty key; local servers accept any key).
+NO_KEY = "EMPTY"
+
+
+def same_endpoint(url: str, configured: str) -> bool:
+    """Whether a base URL typed in the browser is the operator's configured one (trailing "/" aside).
+
+    Deliberately exact: anything else (another host, port, path, scheme, user info) is another
+    endpoint, which must never receive the operator's key.
+    """
+    return url.strip().rstrip("/") == configured.strip().rstrip("/")
+
+
 @dataclass(frozen=True)
 class LLMChoice:
     """What a session picked in the settings panel (hashable: it keys the caches)."""
@@ -37,12 +51,22 @@ class LLMChoice:
     api_key: str = ""
     model: str = ""
 
-    def settings_update(self) -> dict:
+    def settings_update(self, configured_base_url: str) -> dict:
+        """The ``Settings`` fields this choice changes.
+
+        Empty fields keep the operator's defaults (``RAG_LLM_BASE_URL`` ...), except the key:
+        the operator's ``RAG_LLM_API_KEY`` only ever goes to the operator's
+        ``configured_base_url``. A browser that names another endpoint sends its own key or none
+        (``NO_KEY``): otherwise any UI user could have the server send the operator's key, with
+        the retrieved passages, to a URL of their choice.
+        """
         update: dict = {"llm_backend": self.backend}
         if self.backend == "openai":
-            # Empty fields keep the configured defaults (RAG_LLM_BASE_URL ...).
-            update.update({k: v for k, v in (("llm_base_url", self.base_url), ("llm_api_key", self.api_key),
-                                             ("llm_model", self.model)) if v})
+            update.update({k: v for k, v in (("llm_base_url", self.base_url), ("llm_model", self.model)) if v})
+            if self.api_key:
+                update["llm_api_key"] = self.api_key
+            elif self.base_url and not same_endpoint(self.base_url, configured_base_url):
+                update["llm_api_key"] = NO_KEY
         return update
 
     def cache_key(self) -> tuple:
@@ -160,7 +184,7 @@ class KnowledgeBases:
         key = (kb, choice.cache_key())
         with self._lock:
             if key not in self._answerers:
-                settings = self.settings_for(kb, **choice.settings_update())
+                settings = self.settings_for(kb, **choice.settings_update(self.settings.llm_base_url))
                 self._answerers[key] = SharedModelAnswerer(settings, searcher, self.models, choice)
             return self._answerers[key]
 
