@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from rag.frame import Constraint, QuestionFrame, question_frame  # noqa: F401 (question_frame re-exported)
 from rag.places import dominant_place, names_other_place, place_names, pos_tagger, word_frequencies  # noqa: F401
-from rag.zh import MARKER, bigrams, is_question, normalise, sentence_spans
+from rag.zh import MARKER, bigrams, is_question, normalise, sentence_spans, simplified
 from rag.zh import NUMBER as _NUMBER
 
 # A number stated as a plan or forecast does not answer what happened (特斯拉2022年的交付量需要超过140万辆).
@@ -95,18 +95,34 @@ def _time_contradicted(constraint: Constraint, text: str) -> bool:
     return True  # 上半年, 一季度: must be said
 
 
-def missing_constraints(frame: QuestionFrame, text: str, evidence: str | None = None) -> list[str]:
+def _named_earlier(group: list[Constraint], prefix: str, frame: QuestionFrame) -> bool:
+    """The passage named the term before the answer, and (for a place) named no other place
+    since: an encyclopedia paragraph says 韓國 once, in its first sentence; a report that moves
+    on from 杭州 to 温州 is about 温州 after that."""
+    text = simplified(prefix).lower()
+    found = [(text.rfind(form), form) for c in group for form in c.forms if form and text.rfind(form) >= 0]
+    if not found:
+        return False
+    at, form = max(found)
+    return not _names_other_place(text[at + len(form):], frame)
+
+
+def missing_constraints(frame: QuestionFrame, text: str, evidence: str | None = None,
+                        prefix: str = "") -> list[str]:
     """Constraint terms (one per coordinated group) that ``text`` does not mention.
 
     A year or date counts as missing only when ``evidence`` (the sentence holding the answer;
     default ``text``) states another one (``_time_contradicted``); the national scope
-    (我国, 全国) only when ``text`` names a particular place instead.
+    (我国, 全国) only when ``text`` names a particular place instead; a place only when the
+    passage before the answer (``prefix``) did not name it either (``_named_earlier``).
     """
     norm = normalise(text)
     flat = unicodedata.normalize("NFKC", text if evidence is None else evidence)
     missing = []
     for group in frame.groups:
         if any(_mentions(norm, c) for c in group):
+            continue
+        if prefix and all(c.kind == "place" for c in group) and _named_earlier(group, prefix, frame):
             continue
         if all(c.kind == "time" for c in group) and not any(_time_contradicted(c, flat) for c in group):
             continue
@@ -117,16 +133,18 @@ def missing_constraints(frame: QuestionFrame, text: str, evidence: str | None = 
 
 
 def key_terms(frame: QuestionFrame, max_frequency: int = KEY_TERM_FREQUENCY) -> list[str]:
-    """Subject words rare in general Chinese (jieba's dictionary frequency below
-    ``max_frequency``): 踩踏, 冬残奥会, 服务站. They say *which* event or thing is asked
-    about, so the evidence must name them, where 事故 or 增长 may be paraphrased.
+    """Subject nouns rare in general Chinese (jieba's dictionary frequency below
+    ``max_frequency``): 寺庙, 冬残奥会, 服务站. They say *which* event or thing is asked
+    about, so the evidence must name them, where 事故 or 增长 may be paraphrased, and
+    verbs (仰赖 ~ 依据, 插秧) or amounts (两成) are said in other words.
 
     Left out: the head of the asked-for thing, which ``target_named`` checks where
     the answer stands (with several items, "多少服务站、多少品牌", each clause answers one).
     """
     freq = word_frequencies()
-    asked_for = {t[-1] for t in frame.target}  # the head is checked where the answer stands (target_named)
-    return [w for w in frame.subject
+    # the head is checked where the answer stands (target_named); the category is the answer's kind
+    asked_for = {t[-1] for t in frame.target} | set(frame.category)
+    return [w for w in frame.nouns
             if freq.get(w, 0) < max_frequency and re.search(r"[\u4e00-\u9fff]", w)
             and w not in asked_for]
 
@@ -311,7 +329,8 @@ def align(clause: str, passage: str, frame: QuestionFrame, context: str = "", ab
             scope = f"{context} {window}"
             if about and not _names_other_place(window, frame):
                 scope += f" {about}"
-            missing = tuple(missing_constraints(frame, scope, _COMPARISON.sub(" ", window)))
+            prefix = passage[:spans[i][1]]  # the passage up to the answer
+            missing = tuple(missing_constraints(frame, scope, _COMPARISON.sub(" ", window), prefix))
             norm_scope, scope_grams = normalise(scope), bigrams(scope)
             missing += tuple(w for w in key_terms(frame) if not names_term(w, norm_scope, scope_grams))
             # The subject may be named in the sentence before (a heading, an FAQ's question);
@@ -348,4 +367,4 @@ def _names_other_place(text: str, frame: QuestionFrame) -> bool:
 def _names_a_place(text: str) -> bool:
     """A place name (jieba's place tag, or a gazetteer name inside a word: 山西人) is in ``text``."""
     norm = normalise(text)
-    return any(w.flag == "ns" for w in pos_tagger().cut(text)) or any(n in norm for n in place_names())
+    return any(w.flag == "ns" for w in pos_tagger().cut(simplified(text))) or any(n in norm for n in place_names())

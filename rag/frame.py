@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from rag.places import PLACE_SUFFIX, place_names, pos_tagger, word_frequencies
-from rag.zh import MARKER, QUESTION_WORDS, normalise
+from rag.zh import MARKER, QUESTION_WORDS, normalise, simplified
 from rag.zh import NUMBER as _NUMBER
 
 # jieba POS tags that name a specific thing the evidence must be about.
@@ -29,10 +29,13 @@ _TIME = re.compile(
     r"\d{4}\s*[-–—/至到]\s*\d{2,4}(?:\s*(?:赛季|年度|财年|学年|年))?|(?:19|20)\d{2}(?=[\u4e00-\u9fff])(?!年)|\d{4}\s*年(?:\s*\d{1,2}\s*月(?:\s*\d{1,2}\s*[日号])?)?|\d{1,2}\s*月\s*\d{1,2}\s*[日号]|\d{1,2}\s*月份?"
     r"|\d{4}(?=\s*(?:年|届|赛季|财年))|[上下]半年|[前后]?[一二三四1-4]\s*季度|第[一二三四1-4]\s*季度")
 
-# A number that identifies what is asked about (男子1500米, iPhone SE 3, 第5届): the evidence
-# must carry it, and not only inside a longer number (500米, 3000元).
-_QUESTION_NUMBER = re.compile(r"(?<![\d.])\d+(?:\.\d+)?(?![\d.])")
+# A number that identifies what is asked about (男子1500米, iPhone SE 3): the evidence must carry
+# it, and not only inside a longer number (500米, 3000元). One digit counts only after a Latin
+# name: "3人" is as often written 三人; "00:30:00" is a time, not an identifier.
+_QUESTION_NUMBER = re.compile(r"(?<![\d.:])(?:\d{2,}(?:\.\d+)?|(?<=[A-Za-z])\s?\d)(?![\d.:])")
 
+# An ordinal identifies which one is asked about (第六任行政长官, 第三艘核潜艇, 第31任总理).
+_ORDINAL = re.compile(r"第[一二三四五六七八九十百零〇两\d]+[任届次季期代轮艘个位名]")
 _NATIONAL = re.compile(r"我国|全国|中国|国内")
 
 _NATIONAL_FORMS = ("中国", "全国", "我国", "国内", "国家")
@@ -50,6 +53,8 @@ _ASKS_WHO = re.compile(r"是谁|谁是|哪位|姓名|叫什么名字|由谁")
 _TARGET_AFTER = re.compile(
     r"(?:多少|几)[个位名项家次场人条所种天年月届倍成元部支期批座户]?(.{2,12}?)(?=[？?。，,、；;]|和|以及|及|与|多少|几|$)")
 _TARGET_BEFORE = re.compile(r"([^，,。？?]{2,10}?)(?:是谁|叫什么|是什么|是多少|有多少|增长了?多少|多少|的?时间|日期|是哪|在哪|什么时候)")
+_CATEGORY = re.compile(r"(?:什么|哪一?种|哪一?个|哪一?类|哪一?间|哪些|哪一?方|哪一?项)(.{1,8}?)(?=[？?。，,的是在与和]|$)")
+_NOUN_TAGS = ("n", "j", "l", "i", "x")  # jieba tags of nouns, names, abbreviations, idioms, unknown words
 # Words that carry no subject: function words and words of asking.
 _STOP_WORDS = set("的 了 是 在 和 与 及 也 就 都 而 或 被 把 对 为 这 那 个 有 共 共有 一共 总共 目前 现在 已经"
                   " 分别 各 其 该 之 等 中 年 月 日 时间 情况 数量 人数 多少".split())
@@ -82,6 +87,8 @@ class QuestionFrame:
     # Per asked-for item, its subject words, head last: (("基层", "统战", "品牌"),), (("部长",),)
     target: tuple[tuple[str, ...], ...] = ()
     asks: str = ""  # "quantity", "time", "who", "place" or "" (a fact, a name of a thing...)
+    category: tuple[str, ...] = ()  # subject words after 什么/哪种: the kind of answer (族群, 方法)
+    nouns: tuple[str, ...] = ()  # subject words tagged as nouns or names (not verbs: 仰赖, 插秧)
 
     @property
     def groups(self) -> list[list[Constraint]]:
@@ -122,12 +129,14 @@ def question_frame(question: str) -> QuestionFrame:
     Args:
         question: the question as retrieval saw it (a rewritten follow-up included).
     """
-    text = unicodedata.normalize("NFKC", MARKER.sub("", question))
+    text = simplified(MARKER.sub("", question))
     found: list[tuple[int, int, str, str]] = []  # start, end, term, kind
     for m in _TIME.finditer(text):
         found.append((m.start(), m.end(), m.group(), "time"))
     for m in _QUOTED.finditer(text):
         found.append((m.start(1), m.end(1), m.group(1), "quoted"))
+    for m in _ORDINAL.finditer(text):
+        found.append((m.start(), m.end(), m.group(), "ordinal"))
     for m in _NATIONAL.finditer(text):
         found.append((m.start(), m.end(), m.group(), "national"))
     taken = [(a, b) for a, b, _, _ in found]
@@ -145,6 +154,8 @@ def question_frame(question: str) -> QuestionFrame:
             continue
         w = word.word.strip()
         kind = "place" if w in place_names() else _ENTITY_TAGS.get(word.flag)
+        if kind and kind != "place" and word_frequencies().get(w, 0) >= 1000:
+            kind = None  # an everyday word jieba happens to tag as a name (福利, 祖先, 东西)
         if kind and len(normalise(w)) >= 2 and not QUESTION_WORDS.search(w):
             found.append((start, end, w, kind))
         elif len(w) >= 2 and w not in _STOP_WORDS and normalise(w) and not QUESTION_WORDS.search(w) \
@@ -170,10 +181,14 @@ def question_frame(question: str) -> QuestionFrame:
         for m in pattern.finditer(text):  # one head per asked item ("多少服务站、多少品牌")
             phrase = normalise(m.group(1))
             named = sorted((w for w in subject if w in phrase), key=phrase.find)
-            # before 多少 the head must be a noun (净利润是多少), not a verb (逃税了多少钱)
-            if named and (pattern is _TARGET_AFTER or asks != "quantity" or tags.get(named[-1], "").startswith("n")):
+            # the head must be a noun (净利润是多少, 多少头), not a verb (逃税了多少钱, 以多少来表示)
+            if named and (asks != "quantity" or tags.get(named[-1], "").startswith("n")):
                 target.append(tuple(named))  # in phrase order, so the head noun is last (…统战品牌 → 品牌)
         if target:
             break
     target = list(dict.fromkeys(target))
-    return QuestionFrame(question, tuple(constraints), tuple(subject), tuple(target), asks)
+    # What 什么/哪种 asks for (什么族群 → 族群) is the answer's category, rarely its words.
+    category = [w for m in _CATEGORY.finditer(text) for w in subject if w in normalise(m.group(1))]
+    nouns = [w for w in subject if tags.get(w, "x")[:1] in _NOUN_TAGS or tags.get(w) in ("vn", "eng")]
+    return QuestionFrame(question, tuple(constraints), tuple(subject), tuple(target), asks,
+                         tuple(dict.fromkeys(category)), tuple(nouns))

@@ -25,7 +25,7 @@ from decimal import Decimal, InvalidOperation
 from functools import lru_cache
 from typing import Callable, Iterable, Sequence
 
-from rag.cite import MARKER
+from rag.zh import MARKER
 
 # ----------------------------------------------------------------------------- normalisation
 _DIGITS = {

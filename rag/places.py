@@ -17,7 +17,7 @@ from importlib import resources
 import jieba
 import jieba.posseg
 
-from rag.zh import normalise
+from rag.zh import normalise, simplified
 
 _ETHNIC_AUTONOMY = re.compile(r"^([\u4e00-\u9fff]{2,}?)(?:[\u4e00-\u9fff]{1,3}族)+自治(?:州|县|旗|区)$")
 PLACE_SUFFIX = re.compile(r"(?:特别行政区|自治区|自治州|自治县|林区|地区|省|市|县|区|州|镇|乡|村)$")
@@ -82,7 +82,7 @@ def dominant_place(text: str) -> str | None:
     """The place a document is about, when one stands out: named ≥ 5 times and at least twice
     as often as any other (a report on 衢州 says 全市 and means 衢州). None otherwise."""
     counts: dict[str, int] = {}
-    for word in pos_tagger().cut(text):
+    for word in pos_tagger().cut(simplified(text)):
         if word.flag == "ns" and word.word in place_names():
             core = PLACE_SUFFIX.sub("", word.word)
             key = core if len(core) >= 2 else word.word
@@ -103,4 +103,4 @@ def word_frequencies() -> dict[str, int]:
 def names_other_place(text: str, asked: set[str]) -> bool:
     """``text`` names a place whose name (with or without its suffix) is not in ``asked``."""
     return any(w.flag == "ns" and w.word in place_names() and normalise(w.word) not in asked
-               and PLACE_SUFFIX.sub("", normalise(w.word)) not in asked for w in pos_tagger().cut(text))
+               and PLACE_SUFFIX.sub("", normalise(w.word)) not in asked for w in pos_tagger().cut(simplified(text)))

@@ -59,9 +59,15 @@ def is_refusal(text: str) -> bool:
     return bool(_REFUSAL.search(t2s()(unicodedata.normalize("NFKC", text))))
 
 
+def simplified(text: str) -> str:
+    """NFKC and Traditional → Simplified: the form jieba, the gazetteer and the rules read."""
+    return t2s()(unicodedata.normalize("NFKC", text))
+
+
 def normalise(text: str) -> str:
-    """NFKC, lower case, without spaces and punctuation (for overlap tests)."""
-    return _DROP.sub("", unicodedata.normalize("NFKC", text).lower())
+    """NFKC, Simplified, lower case, without spaces and punctuation (for overlap tests):
+    a Simplified answer (英国) matches a Traditional passage (英國)."""
+    return _DROP.sub("", simplified(text).lower())
 
 
 def bigrams(text: str) -> set[str]:
