@@ -6,10 +6,15 @@ PIP := $(VENV)/bin/pip
 PY := $(VENV)/bin/python
 RAG := $(VENV)/bin/rag
 DEMO_KB ?= demo
+# Where the KBs live (as rag sees it: RAG_HOME, default ./index); the demo KB's stamp goes there.
+KB_HOME := $(or $(RAG_HOME),index)
+DEMO_STAMP := $(KB_HOME)/$(DEMO_KB)/.demo-ingested
+# Fault tests (tests/fault): trials of the long run; `make test` runs them short (3 trials).
+FAULT_TRIALS ?= $(or $(RAG_FAULT_TRIALS),50)
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install install-llm browser run test bench bench-answers eval clean demo-kb
+.PHONY: install install-llm browser run test fault bench bench-answers eval clean demo-kb
 
 # Base: torch first (CPU build from local disk; otherwise pip pulls a multi-GB CUDA build).
 $(VENV)/.base-installed: requirements.txt pyproject.toml
@@ -49,8 +54,13 @@ browser:
 	  || echo "!! could not install chromium: the browser test will be skipped"; \
 	else echo "!! no apt-get: the browser and Chinese PDF tests will be skipped"; fi
 
-demo-kb: install
-	$(RAG) ingest demo/ --kb $(DEMO_KB) --prune
+# The demo KB is built when missing and updated (never pruned) when demo/ changed: documents
+# uploaded in the UI stay, and a demo document deleted in the UI is not brought back every start.
+demo-kb: install $(DEMO_STAMP)
+
+$(DEMO_STAMP): $(wildcard demo/*) | install
+	$(RAG) ingest demo/ --kb $(DEMO_KB)
+	@mkdir -p $(@D) && touch $@
 
 run: install demo-kb
 	$(RAG) prepare-llm
@@ -58,6 +68,10 @@ run: install demo-kb
 
 test: install browser
 	$(PY) -m pytest -q tests
+
+# Concurrent writers and kill -9 at seeded random points, $(FAULT_TRIALS) trials (RAG_FAULT_SEED to vary).
+fault: install
+	RAG_FAULT_TRIALS=$(FAULT_TRIALS) $(PY) -m pytest -q tests/fault
 
 bench: install
 	$(PY) bench/bench_retrieval.py

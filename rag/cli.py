@@ -31,6 +31,29 @@ def _settings(args) -> Settings:
     return Settings(**overrides)
 
 
+def _database_errors(func):
+    """For the commands that open a KB directly (ingest, list, remove): a database error
+    (another writer past the timeout, a damaged file) is one clear line and exit 2, never a
+    traceback. "Locked" errors arrive as ``KnowledgeBaseBusyError`` from ``rag.store``."""
+    import functools
+
+    @functools.wraps(func)
+    def run(args) -> int:
+        import sqlite3
+
+        from rag.store import KnowledgeBaseError
+
+        try:
+            return func(args)
+        except sqlite3.Error as exc:
+            if os.environ.get("RAG_DEBUG"):
+                raise
+            raise KnowledgeBaseError(f"知识库数据库出错 / knowledge base database error: {exc}") from exc
+
+    return run
+
+
+@_database_errors
 def cmd_ingest(args) -> int:
     from rag.ingest import Ingestor
 
@@ -65,10 +88,12 @@ def cmd_search(args) -> int:
     return 0
 
 
+@_database_errors
 def cmd_list(args) -> int:
     from rag.store import KnowledgeBase
 
-    kb = KnowledgeBase(_settings(args).kb_dir)
+    settings = _settings(args)
+    kb = KnowledgeBase(settings.kb_dir, lock_timeout=settings.write_lock_timeout)
     try:
         docs = kb.documents()
         if args.json:
@@ -82,6 +107,7 @@ def cmd_list(args) -> int:
         kb.close()
 
 
+@_database_errors
 def cmd_remove(args) -> int:
     from rag.ingest import remove_documents
 

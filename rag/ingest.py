@@ -3,10 +3,19 @@
 Incremental: a document whose content hash is unchanged is skipped; a chunk whose
 text was embedded before (in this KB) reuses its vector; vectors are cached per
 batch, so an interrupted ingest resumes where it stopped.
+
+One writer per KB: an ingest (and a removal) holds the KB's write lock from start to
+commit, so a second one (CLI, UI upload or delete) waits for it, saying so.
+
+Document ids (``document_files``): a file's path relative to the parent of the folder
+given (``docs/a.txt`` for ``rag ingest docs/``), a single file's name; when two roots
+would give the same id, those roots' ids take more of their path (``x/d/规.txt`` and
+``y/d/规.txt``). A jsonl record's id is namespaced by its file: ``corpus.jsonl/<id>``.
 """
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -57,13 +66,90 @@ class IngestReport:
 
 
 def open_kb_for_writing(settings: Settings, embedder) -> KnowledgeBase:
-    kb = KnowledgeBase(settings.kb_dir, create=True)
+    """Open (or create) the KB of ``settings`` and check it was built with ``embedder``.
+
+    Hold ``kb.write_lock()`` around everything written through it (``Ingestor.ingest`` does).
+    """
+    kb = KnowledgeBase(settings.kb_dir, create=True, lock_timeout=settings.write_lock_timeout)
     try:
-        kb.check_embedder(embedder.model_id, embedder.dim)
+        with kb.write_lock():
+            kb.check_embedder(embedder.model_id, embedder.dim)
     except BaseException:
         kb.close()
         raise
     return kb
+
+
+def _parts(path: Path) -> tuple[str, ...]:
+    """Components of the absolute path (symlinks not resolved: the names the user sees)."""
+    return Path(os.path.abspath(path)).parts[1:]
+
+
+def document_files(paths: list[Path]) -> tuple[list[tuple[Path, str, str]], list[tuple[str, str]]]:
+    """``(file, doc_id, former_id)`` for every file under ``paths``, with unique ids, and the
+    files left out as ``(path, message)`` (only when two different files cannot be told apart).
+    ``former_id`` is the id the file gets when ingested alone (what older versions always gave).
+
+    A file named twice (``docs/`` and ``docs/a.txt``, or a folder given twice) is one
+    document: the first naming wins. Ids are those of ``rag.load.iter_files`` (the folder's
+    name plus the path inside it; a single file's name) unless two roots collide: then the
+    colliding roots' ids take one more component of their absolute path, until they differ.
+    """
+    roots: list[tuple[Path, list[tuple[Path, str]]]] = []
+    seen: set[str] = set()
+    for root in map(Path, paths):
+        entries = []
+        for file, legacy in iter_files([root]):
+            real = os.path.realpath(file)
+            if real not in seen:
+                seen.add(real)
+                entries.append((file, legacy))
+        roots.append((root, entries))
+
+    def doc_id(i: int, file: Path, legacy: str, level: int) -> str:
+        if level == 0:
+            return legacy
+        root = roots[i][0]
+        if root.is_dir():
+            base = _parts(root)
+            keep = len(Path(root.name).parts) + level
+            return "/".join([*base[max(0, len(base) - keep):], *file.relative_to(root).parts])
+        base = _parts(file)
+        return "/".join(base[max(0, len(base) - 1 - level):])
+
+    def max_level(i: int) -> int:
+        root = roots[i][0]
+        base = _parts(root)
+        return max(0, len(base) - (len(Path(root.name).parts) if root.is_dir() else 1))
+
+    levels = [0] * len(roots)
+    while True:
+        owners: dict[str, list[tuple[int, Path, str]]] = {}
+        for i, (_, entries) in enumerate(roots):
+            for file, legacy in entries:
+                owners.setdefault(doc_id(i, file, legacy, levels[i]), []).append((i, file, legacy))
+        clashes = {d: who for d, who in owners.items() if len(who) > 1}
+        grow = {i for who in clashes.values() for i, _, _ in who if levels[i] < max_level(i)}
+        if not clashes or not grow:
+            break
+        for i in grow:
+            levels[i] += 1
+    files, conflicts = [], []
+    for d, who in owners.items():
+        if len(who) > 1:
+            names = " 与 / and ".join(str(f) for _, f, _ in who)
+            message = f"{names}: 文档 id 相同（{d}），都未导入 / same document id {d!r}, none imported"
+            conflicts += [(str(f), message) for _, f, _ in who]
+        else:
+            _, file, legacy = who[0]
+            files.append((file, d, legacy))
+    return files, conflicts
+
+
+def _same_file(kb: KnowledgeBase, doc_id: str, source: str) -> bool:
+    """Whether the stored document ``doc_id`` was read from the file ``source``."""
+    row = kb.db.execute("SELECT source FROM documents WHERE doc_id=?", (doc_id,)).fetchone()
+    return bool(row) and os.path.realpath(row[0]) == os.path.realpath(source)
 
 
 def tokenizer_for(kb: KnowledgeBase, settings: Settings) -> LexicalTokenizer:
@@ -100,50 +186,64 @@ class Ingestor:
         """Ingest files and folders; with ``prune``, documents not found under ``paths`` are removed."""
         started = time.perf_counter()
         report = IngestReport()
-        kb = open_kb_for_writing(self.settings, self.embedder)
+        kb = KnowledgeBase(self.settings.kb_dir, create=True, lock_timeout=self.settings.write_lock_timeout)
         try:
-            user_words = sorted(set(json.loads(kb.meta("user_words", "[]")))
-                                | set(_read_user_words(self.settings.user_dict)))
-            tokenizer = LexicalTokenizer()
-            tokenizer.add_words(user_words)
-            docs = self._load_all(paths, kb, report, progress)
-            prepared = []
-            for doc in docs:
-                clean = clean_text(doc.text)
-                chunks = split_document(doc, clean, self.settings.chunk_tokens, self.settings.chunk_overlap_tokens)
-                if not chunks:
-                    report.failed.append((doc.source, f"{doc.doc_id}: 没有可索引的文字 / nothing to index"))
-                    continue
-                hashes = [c.content_hash(doc.title) for c in chunks]
-                # tokenised here, not inside the transaction: the write lock is held briefly
-                lexical = [tokenizer.tokenize(c.indexed_text(doc.title)) for c in chunks]
-                prepared.append((doc, chunks, hashes, lexical))
-            self._embed_missing(kb, prepared, report, progress)
-            # unchanged documents were found too: prune must keep them
-            seen = {doc.doc_id for doc in docs} | set(report.unchanged) | {p for p, _ in report.failed}
-            with kb.transaction() as tx:
-                if user_words != json.loads(kb.meta("user_words", "[]")):
-                    kb._set_meta("user_words", json.dumps(user_words, ensure_ascii=False))
-                    tx.changed = True
-                for doc, chunks, hashes, lexical in prepared:
-                    tx.put_document(doc, chunks, hashes, lexical)
-                    report.chunks += len(chunks)
-                if prune:
-                    for info in kb.documents():
-                        if info.doc_id not in seen and info.source not in seen:
-                            tx.delete_document(info.doc_id)
-                            report.removed.append(info.doc_id)
+            # One writer per KB from the first read to the commit: another ingest, removal or UI
+            # upload waits here (saying so), so none works from a state the other is changing.
+            with kb.write_lock():
+                kb.check_embedder(self.embedder.model_id, self.embedder.dim)
+                self._ingest_locked(kb, paths, prune, progress, report)
         finally:
             kb.close()
         report.seconds = time.perf_counter() - started
         return report
 
-    def _load_all(self, paths, kb: KnowledgeBase, report: IngestReport, progress: bool) -> list[RawDocument]:
-        files = list(iter_files([Path(p) for p in paths]))
+    def _ingest_locked(self, kb: KnowledgeBase, paths, prune: bool, progress: bool, report: IngestReport) -> None:
+        user_words = sorted(set(json.loads(kb.meta("user_words", "[]")))
+                            | set(_read_user_words(self.settings.user_dict)))
+        tokenizer = LexicalTokenizer()
+        tokenizer.add_words(user_words)
+        docs, renames = self._load_all(paths, kb, report, progress)
+        prepared = []
+        for doc in docs:
+            clean = clean_text(doc.text)
+            chunks = split_document(doc, clean, self.settings.chunk_tokens, self.settings.chunk_overlap_tokens)
+            if not chunks:
+                report.failed.append((doc.source, f"{doc.doc_id}: 没有可索引的文字 / nothing to index"))
+                continue
+            hashes = [c.content_hash(doc.title) for c in chunks]
+            # tokenised here, not inside the transaction: SQLite's write lock is held briefly
+            lexical = [tokenizer.tokenize(c.indexed_text(doc.title)) for c in chunks]
+            prepared.append((doc, chunks, hashes, lexical))
+        self._embed_missing(kb, prepared, report, progress)
+        # unchanged documents were found too: prune must keep them
+        seen = {doc.doc_id for doc in docs} | set(report.unchanged) | {p for p, _ in report.failed}
+        with kb.transaction() as tx:
+            if user_words != json.loads(kb.meta("user_words", "[]")):
+                kb._set_meta("user_words", json.dumps(user_words, ensure_ascii=False))
+                tx.changed = True
+            for new, old in renames.items():  # same file, id given by an older version: keep its work
+                tx.rename_document(old, new)
+            for doc, chunks, hashes, lexical in prepared:
+                tx.put_document(doc, chunks, hashes, lexical)
+                report.chunks += len(chunks)
+            if prune:
+                for info in kb.documents():
+                    if info.doc_id not in seen and info.source not in seen:
+                        tx.delete_document(info.doc_id)
+                        report.removed.append(info.doc_id)
+
+    def _load_all(self, paths, kb: KnowledgeBase, report: IngestReport,
+                  progress: bool) -> tuple[list[RawDocument], dict[str, str]]:
+        """The documents to (re)index, and ``{new id: stored id}`` for stored documents of the
+        same file that an older version (or a lone ingest) gave another id."""
+        files, conflicts = document_files([Path(p) for p in paths])
+        report.failed.extend(conflicts)
         explicit = {str(Path(p)) for p in paths}
         max_bytes = int(self.settings.max_file_mb * 1e6)
         docs: dict[str, RawDocument] = {}
-        for file, doc_id in tqdm(files, desc="读取 loading", unit="file", disable=not progress or len(files) < 2,
+        former: dict[str, str] = {}
+        for file, doc_id, former_id in tqdm(files, desc="读取 loading", unit="file", disable=not progress or len(files) < 2,
                                  file=sys.stderr):
             if file.suffix.lower() not in SUPPORTED_SUFFIXES and str(file) not in explicit:
                 report.skipped.append(str(file))
@@ -156,23 +256,45 @@ class Ingestor:
             except Exception as exc:  # a parser bug must not lose the other files
                 report.failed.append((str(file), f"{file.name}: 读取失败 / failed to read ({type(exc).__name__}: {exc})"))
                 continue
+            jsonl = file.suffix.lower() == ".jsonl"
             for doc in loaded:
+                record_id = doc.doc_id
+                if jsonl:
+                    # a record's id lives in its file's namespace: it can never replace another file's
+                    # document (rag eval's gold ids still match: evaluate.doc_matches takes path suffixes)
+                    doc.doc_id = f"{doc_id}/{record_id}"
+                if doc.doc_id in docs:  # never silently: the first one stays, the other is reported
+                    first = docs[doc.doc_id]
+                    what = (f"{file.name}: 重复的 id {doc.doc_id[len(doc_id) + 1:]!r}，只导入了第一条"
+                            f" / duplicate id, only the first record was imported"
+                            if first.source == doc.source else
+                            f"{doc.source}: 与 {first.source} 的文档 id 相同（{doc.doc_id}），未导入"
+                            f" / same document id as {first.source}, not imported")
+                    report.failed.append((str(file), what))
+                    continue
                 docs[doc.doc_id] = doc
-        result = []
+                former[doc.doc_id] = record_id if jsonl else former_id
+        result, renames = [], {}
         for doc in docs.values():
             known = kb.document_hash(doc.doc_id)
+            old = former[doc.doc_id]
+            if known is None and old != doc.doc_id and old not in docs and _same_file(kb, old, doc.source):
+                renames[doc.doc_id] = old
+                known = kb.document_hash(old)
             if known == doc.content_hash:
                 report.unchanged.append(doc.doc_id)
                 continue
             (report.updated if known else report.added).append(doc.doc_id)
             result.append(doc)
-        return result
+        return result, renames
 
     def _embed_missing(self, kb: KnowledgeBase, prepared, report: IngestReport, progress: bool) -> None:
         texts: dict[str, str] = {}
         for doc, chunks, hashes, _ in prepared:
             for chunk, h in zip(chunks, hashes):
                 texts.setdefault(h, chunk.indexed_text(doc.title))
+        # claimed first: no other writer's commit may prune what this one is about to link
+        kb.claim_vectors(list(texts))
         cached = kb.cached_vectors(list(texts))
         todo = [h for h in texts if h not in cached]
         report.reused_vectors = len(texts) - len(todo)
@@ -191,7 +313,7 @@ class Ingestor:
 
 def remove_documents(settings: Settings, doc_ids: list[str]) -> list[str]:
     """Delete documents so their text can never be retrieved again. Returns ids not found."""
-    kb = KnowledgeBase(settings.kb_dir)
+    kb = KnowledgeBase(settings.kb_dir, lock_timeout=settings.write_lock_timeout)
     missing = []
     try:
         with kb.transaction() as tx:

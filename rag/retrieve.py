@@ -89,7 +89,8 @@ def fuse_scores(dense: list[int], dense_scores: list[float], bm25: list[int], bm
 
 
 class Searcher:
-    """Searches one knowledge base; reloads its indexes when another process changed it.
+    """Searches one knowledge base; reloads its indexes when another process changed it,
+    and reopens the KB when it was deleted and built again (``rm -rf index/<kb>``, ingest).
 
     Args:
         settings: configuration (KB, candidates, fusion constant, reranker).
@@ -98,15 +99,13 @@ class Searcher:
 
     def __init__(self, settings: Settings, embedder=None):
         self.settings = settings
-        self.kb = KnowledgeBase(settings.kb_dir)
-        self.embedder = embedder or make_embedder(settings.embedder, settings.threads, settings.embed_batch_size)
-        known, known_dim = self.kb.embedder_id, int(self.kb.meta("dim", "0") or 0)
-        if known and (known != self.embedder.model_id or (known_dim and known_dim != self.embedder.dim)):
+        self.kb = KnowledgeBase(settings.kb_dir, lock_timeout=settings.write_lock_timeout)
+        try:
+            self.embedder = embedder or make_embedder(settings.embedder, settings.threads, settings.embed_batch_size)
+            self._check_embedder()
+        except BaseException:
             self.kb.close()
-            raise KnowledgeBaseError(
-                f"知识库由 {known} 建立，当前嵌入模型是 {self.embedder.model_id} / "
-                f"KB built with {known}, current embedder is {self.embedder.model_id}"
-            )
+            raise
         self.tokenizer = tokenizer_for(self.kb, settings)
         self._indexes = None
         self._lock = threading.Lock()
@@ -116,8 +115,20 @@ class Searcher:
 
             self._reranker = CrossEncoder(settings.reranker, device="cpu")
 
+    def _check_embedder(self) -> None:
+        known, known_dim = self.kb.embedder_id, int(self.kb.meta("dim", "0") or 0)
+        if known and (known != self.embedder.model_id or (known_dim and known_dim != self.embedder.dim)):
+            raise KnowledgeBaseError(
+                f"知识库由 {known} 建立，当前嵌入模型是 {self.embedder.model_id} / "
+                f"KB built with {known}, current embedder is {self.embedder.model_id}"
+            )
+
     def _current(self):
         with self._lock:
+            if self.kb.refresh():  # the KB on disk is a new one: nothing loaded from the old one is valid
+                self._indexes = None
+                self._check_embedder()
+                self.tokenizer = tokenizer_for(self.kb, self.settings)
             if self._indexes is None or self._indexes.generation != self.kb.generation:
                 self._indexes = self.kb.load_indexes()
                 self.tokenizer = tokenizer_for(self.kb, self.settings)

