@@ -21,19 +21,24 @@ do not know them ignore them):
   passages (numbered as in the text, with dense/BM25 ranks and scores), timings (ms)}``.
 
 The message text keeps its ``[n]`` markers and ends with a numbered sources block, so any chat
-client shows where each claim comes from. ``max_tokens`` is checked against a limit but the answer
-length is set by ``RAG_LLM_MAX_TOKENS``: cutting an answer short would cut its citations.
-``temperature`` and other sampling fields are ignored for the same reason (server settings apply).
+client shows where each claim comes from. ``max_tokens`` (or ``max_completion_tokens``) caps the
+model's answer at min(max_tokens, ``RAG_LLM_MAX_TOKENS``) tokens; a cut answer keeps only the
+citations it reached. ``temperature`` and other sampling fields are ignored (server settings apply).
+
+Input bounds (``rag.config``): at most ``max_messages`` messages of at most ``max_message_chars``
+characters each, user messages (the question and earlier ones) of at most ``max_question_chars``
+(400 otherwise), a body of at most ``max_request_bytes`` (413). Client text is parsed in worker
+threads, never on the event loop, and a non-streaming client that disconnects stops its answer
+and frees its slot.
 """
 from __future__ import annotations
 
 import asyncio
 import base64
+import copy
 import hmac
-import ipaddress
 import json
 import logging
-import re
 import threading
 import time
 import uuid
@@ -45,7 +50,7 @@ from typing import Any, AsyncIterator, Literal
 import anyio
 from fastapi import FastAPI, Request, Security
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPBearer
 from pydantic import BaseModel, Field
 from sse_starlette import EventSourceResponse
@@ -53,9 +58,10 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
-from rag.answer import AnswerResult, Answerer
+from rag.answer import Answerer, AnswerResult
 from rag.config import Settings
 from rag.embed import make_embedder
+from rag.netguard import is_loopback  # noqa: F401 (also re-exported: rag.api.is_loopback)
 from rag.retrieve import Searcher
 from rag.store import KnowledgeBaseError
 from rag.tokens import count_tokens
@@ -70,7 +76,8 @@ PUBLIC_PATHS = {"/healthz", "/docs", "/docs/oauth2-redirect", "/openapi.json", "
 # Origins of desktop apps (Electron/Tauri: ChatBox, Cherry Studio...) and local web UIs. Never "null":
 # sandboxed iframes of any site send that.
 LOCAL_ORIGINS = r"^((app|file|tauri|capacitor|vscode-webview)://.*|https?://(localhost|127\.0\.0\.1|\[::1\])(:\d+)?)$"
-_SOURCES_SPLIT = re.compile(r"\n\s*-{3,}\s*\n\s*来源")
+SOURCES_WORD = "来源"
+DISCONNECT_POLL_SECONDS = 0.25  # how often a waiting or answering non-streaming request checks its client
 
 
 # ----------------------------------------------------------------------------- errors
@@ -132,16 +139,6 @@ def _install_error_handlers(app: FastAPI) -> None:
 # ----------------------------------------------------------------------------- binding and the guard
 
 
-def is_loopback(host: str) -> bool:
-    host = host.strip().strip("[]")
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def check_bind(host: str, api_key: str | None) -> None:
     """Refuse to serve the documents beyond this machine without a key."""
     if not is_loopback(host) and not api_key:
@@ -149,12 +146,6 @@ def check_bind(host: str, api_key: str | None) -> None:
             f"拒绝在非本机地址 {host} 上无密钥提供服务：请设置 RAG_API_KEY，或使用 --host 127.0.0.1 / "
             f"refusing to listen on non-loopback address {host} without an API key: "
             f"set RAG_API_KEY or bind to 127.0.0.1")
-
-
-def _host_name(header: str) -> str:
-    if header.startswith("["):
-        return header[1:header.find("]")]
-    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
 
 
 class Guard:
@@ -208,7 +199,7 @@ class Guard:
         await self.app(scope, replay, send)
 
     def _check_host(self, headers) -> ApiError | None:
-        if self.key or "host" not in headers or is_loopback(_host_name(headers["host"])):
+        if self.key or "host" not in headers or is_loopback(headers["host"]):
             return None
         return ApiError(403, "没有密钥时只接受本机访问 / without an API key only loopback Host headers are served",
                         "host_not_allowed")
@@ -363,7 +354,7 @@ class ChatRequest(BaseModel):
 
 
 class SearchRequest(BaseModel):
-    query: str = Field(min_length=1, max_length=2000)
+    query: str = Field(min_length=1, description="at most RAG_MAX_QUESTION_CHARS characters")
     kb: str | None = Field(None, description="KB name or rag-<kb>; default: the server's --kb")
     k: int = Field(5, ge=1, le=50)
     mode: Literal["hybrid", "dense", "bm25"] = "hybrid"
@@ -384,18 +375,84 @@ def message_text(content) -> str:
     """Text of an OpenAI message content (a string or a list of parts; images are ignored)."""
     if isinstance(content, str):
         return content
-    return "".join(p.get("text", "") for p in content or [] if p.get("type") in ("text", "input_text"))
+    return "".join(p["text"] for p in content or []
+                   if p.get("type") in ("text", "input_text") and isinstance(p.get("text"), str))
+
+
+def _space_before(text: str, end: int) -> int:
+    """Start of the run of whitespace that ends at ``end``."""
+    while end > 0 and text[end - 1].isspace():
+        end -= 1
+    return end
+
+
+def sources_start(text: str) -> int:
+    """Where our sources block starts in ``text``, or -1: the line break before a line of three
+    or more ``-`` that a line starting with 来源 follows (blank lines and spaces allowed), as the
+    client sends our answer back.
+
+    Linear in ``len(text)`` (the regex it replaces, ``\\n\\s*-{3,}\\s*\\n\\s*来源``, re-read every
+    whitespace run from each of its characters: 600 kB of line breaks froze the server): each
+    来源 is checked by scanning back over the whitespace and dashes just before it, and no two
+    来源 scan the same characters.
+    """
+    at = text.find(SOURCES_WORD)
+    while at >= 0:
+        gap = _space_before(text, at)  # whitespace between the dashes and 来源: needs a line break
+        dashes = gap
+        while dashes > 0 and text[dashes - 1] == "-":
+            dashes -= 1
+        if gap - dashes >= 3 and text.find("\n", gap, at) >= 0:
+            line = text.find("\n", _space_before(text, dashes), dashes)
+            if line >= 0:
+                return line
+        at = text.find(SOURCES_WORD, at + len(SOURCES_WORD))
+    return -1
 
 
 def _plain_answer(text: str) -> str:
     """An earlier answer of ours, as the client sends it back, without the sources block: the
     rewrite step should see what was said, not the citation apparatus."""
-    text = _SOURCES_SPLIT.split(text, maxsplit=1)[0]
+    cut = sources_start(text)
+    if cut >= 0:
+        text = text[:cut]
     return text.split(VERIFIED_HEADING, 1)[-1].strip()
 
 
+def _bad_request(code: str, param: str, zh: str, en: str) -> ApiError:
+    return ApiError(400, f"{zh} / {en}", code, param)
+
+
+def check_messages(messages: list[ChatMessage], settings: Settings) -> None:
+    """The input bounds of a chat request (400 with an OpenAI-style error when broken): at most
+    ``max_messages`` messages, each at most ``max_message_chars`` characters, and every user
+    message, the question and the earlier ones, at most ``max_question_chars`` (earlier questions
+    are read like the question itself when a follow-up is rewritten)."""
+    if len(messages) > settings.max_messages:
+        raise _bad_request("too_many_messages", "messages", f"消息太多（{len(messages)} 条，最多 "
+                           f"{settings.max_messages} 条），请删减对话历史",
+                           f"too many messages ({len(messages)}, at most {settings.max_messages}): "
+                           f"shorten the conversation history")
+    for i, m in enumerate(messages):
+        text = message_text(m.content)
+        if len(text) > settings.max_message_chars:
+            raise _bad_request("message_too_long", f"messages.{i}.content",
+                               f"第 {i + 1} 条消息太长（{len(text)} 字，最多 {settings.max_message_chars} 字）",
+                               f"message {i} is too long ({len(text)} characters, at most "
+                               f"{settings.max_message_chars})")
+        size = len(text.strip())
+        if m.role == "user" and size > settings.max_question_chars:
+            last = i == len(messages) - 1
+            raise _bad_request("question_too_long", "messages" if last else f"messages.{i}.content",
+                               f"{'问题' if last else f'第 {i + 1} 条消息中的问题'}太长（{size} 字，最多 "
+                               f"{settings.max_question_chars} 字），请缩短问题",
+                               f"{'question' if last else f'the question in message {i}'} is too long ({size} "
+                               f"characters, at most {settings.max_question_chars}): ask a shorter one")
+
+
 def split_messages(messages: list[ChatMessage]) -> tuple[str, list[dict]]:
-    """``(question, history)``: the last user message, and the user/assistant turns before it."""
+    """``(question, history)``: the last user message, and the user/assistant turns before it.
+    Linear in the text size; still, call it from a worker thread (``parse_chat``) for big requests."""
     last = messages[-1]
     question = message_text(last.content).strip()
     if last.role != "user" or not question:
@@ -409,6 +466,13 @@ def split_messages(messages: list[ChatMessage]) -> tuple[str, list[dict]]:
             if text:
                 history.append({"role": m.role, "content": text})
     return question, history
+
+
+def parse_chat(messages: list[ChatMessage], settings: Settings) -> tuple[str, list[dict]]:
+    """``check_messages`` then ``split_messages``: everything a chat request's text costs
+    before the answer chain (run it in a worker thread: it reads up to ``max_request_bytes``)."""
+    check_messages(messages, settings)
+    return split_messages(messages)
 
 
 def footer(result: AnswerResult) -> str:
@@ -509,7 +573,8 @@ async def _answer_events(answerer: Answerer, chat: Chat) -> AsyncIterator[str]:
             yield chat.chunk({"content": tail})
         yield chat.chunk({}, "stop", **extras(result, chat.kb))
         if chat.include_usage:
-            yield chat.chunk(None, usage=usage(chat.question, chat.history, result, streamed + tail))
+            counts = await run_in_threadpool(usage, chat.question, chat.history, result, streamed + tail)
+            yield chat.chunk(None, usage=counts)
         yield "[DONE]"
     except Exception as exc:  # headers are sent: the error goes into the stream, OpenAI style
         log.exception("streamed answer failed")
@@ -554,11 +619,55 @@ markers and ends with a numbered sources block. Extra response fields (also in t
 Busy: 429 when the queue is full, 503 when the wait ran out (both with `Retry-After`)."""
 
 
+async def _watch_disconnect(request: Request, scope: anyio.CancelScope) -> None:
+    """Cancel ``scope`` as soon as the client of ``request`` disconnects (polled: a
+    non-streaming request otherwise hears of it only when its response is sent)."""
+    while not await request.is_disconnected():
+        await anyio.sleep(DISCONNECT_POLL_SECONDS)
+    scope.cancel()
+
+
+async def _ask_while_connected(answerer: Answerer, question: str, history: list[dict]) -> AnswerResult:
+    """The non-streaming answer, stepped event by event in worker threads: cancelling it (the
+    client left) stops the chain at the next step (a token of the LLM, at worst the prompt
+    reading) and closes it, so the LLM lock and the slot are free again."""
+    events = answerer.stream(question, history)
+    try:
+        while (event := await run_in_threadpool(next, events, None)) is not None:
+            if event["type"] == "final":
+                return event["result"]
+        raise RuntimeError("answer stream ended without a result")
+    finally:
+        # Shielded: a cancelled request must still close the chain (in a thread: closing a
+        # streaming LLM waits for its current token).
+        with anyio.CancelScope(shield=True):
+            await run_in_threadpool(events.close)
+
+
+def capped(answerer: Answerer, max_tokens: int | None) -> Answerer:
+    """``answerer`` whose LLM answer stops after ``max_tokens`` tokens (None, or not below
+    ``llm_max_tokens``: the answerer itself). A shallow copy: searcher, prompts, caches and the
+    loaded models are shared; only its ``chat_model`` binds the cap (the rewrite step binds its
+    own, smaller one)."""
+    if not max_tokens or max_tokens >= answerer.settings.llm_max_tokens:
+        return answerer
+    view = copy.copy(answerer)
+    base = answerer.chat_model
+
+    def chat_model(backend: str):
+        model = base(backend)
+        return model.bind(max_tokens=max_tokens) if model is not None else None
+
+    view.chat_model = chat_model  # the instance attribute shadows the method for this request only
+    return view
+
+
 def _chat_routes(app: FastAPI, svc: Service, auth) -> None:
     @app.post("/v1/chat/completions", tags=["openai"], dependencies=auth, description=CHAT_DESCRIPTION)
-    async def chat_completions(body: ChatRequest):
+    async def chat_completions(body: ChatRequest, request: Request):
         kb = svc.library.kb_for(body.model)
-        question, history = split_messages(body.messages)
+        # Up to max_request_bytes of client text: parsed in a worker thread, not on the event loop.
+        question, history = await run_in_threadpool(parse_chat, body.messages, svc.settings)
         requested = body.max_completion_tokens or body.max_tokens
         if requested and requested > svc.max_tokens_limit:
             raise ApiError(400, f"max_tokens 不能超过 {svc.max_tokens_limit} / max_tokens must be at most "
@@ -567,24 +676,34 @@ def _chat_routes(app: FastAPI, svc: Service, auth) -> None:
             raise ApiError(400, "只支持 n=1 / only n=1 is supported", "unsupported_n", "n")
         chat = Chat(kb, MODEL_PREFIX + kb, question, history,
                     bool(body.stream_options and body.stream_options.include_usage))
-        await svc.chat_gate.enter()
-        stream_owns_slot = False
-        try:
-            answerer = await run_in_threadpool(svc.library.answerer, kb)
-            if body.stream:
-                response = _GatedEventSource(_answer_events(answerer, chat), svc.chat_gate.leave, ping=15,
-                                             send_timeout=30)  # a client that stops reading must not hold a slot
-                stream_owns_slot = True  # from here the response leaves the gate when the stream ends
-                return response
-            result = await run_in_threadpool(answerer.ask, question, history)
-        finally:
-            if not stream_owns_slot:
+        if body.stream:
+            await svc.chat_gate.enter()
+            try:
+                answerer = capped(await run_in_threadpool(svc.library.answerer, kb), requested)
+            except BaseException:
                 svc.chat_gate.leave()
+                raise
+            # The response leaves the gate when the stream ends, however it ends (sse_starlette
+            # cancels it when the client goes); a client that stops reading must not hold a slot.
+            return _GatedEventSource(_answer_events(answerer, chat), svc.chat_gate.leave, ping=15, send_timeout=30)
+        result = None
+        with anyio.CancelScope() as connected:  # cancelled by the watcher when the client leaves
+            watcher = asyncio.create_task(_watch_disconnect(request, connected))
+            try:
+                async with _slot(svc.chat_gate):  # a client that leaves while queued leaves the queue
+                    answerer = capped(await run_in_threadpool(svc.library.answerer, kb), requested)
+                    result = await _ask_while_connected(answerer, question, history)
+            finally:
+                watcher.cancel()
+        if result is None:
+            log.info("client disconnected before its answer was ready: answer stopped, slot freed")
+            return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
         content = result.answer + footer(result)
+        counts = await run_in_threadpool(usage, question, history, result, content)
         return {"id": chat.id, "object": "chat.completion", "created": chat.created, "model": chat.model,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
                              "logprobs": None, "finish_reason": "stop"}],
-                "usage": usage(question, history, result, content), **extras(result, kb)}
+                "usage": counts, **extras(result, kb)}
 
 
 def _retrieval_routes(app: FastAPI, svc: Service, auth) -> None:
@@ -592,6 +711,10 @@ def _retrieval_routes(app: FastAPI, svc: Service, auth) -> None:
     async def search(body: SearchRequest):
         """Hybrid (or single-channel) retrieval: hits with fused score, dense and BM25 ranks and scores."""
         kb = svc.library.kb_for(body.kb or svc.settings.kb, "kb")
+        limit = svc.settings.max_question_chars
+        if len(body.query) > limit:
+            raise _bad_request("question_too_long", "query", f"查询太长（{len(body.query)} 字，最多 {limit} 字）",
+                               f"query too long ({len(body.query)} characters, at most {limit})")
 
         def run():
             return svc.library.answerer(kb).searcher.search(body.query, body.k, body.mode)
@@ -616,6 +739,10 @@ def _retrieval_routes(app: FastAPI, svc: Service, auth) -> None:
         if len(texts) > MAX_EMBED_INPUTS:
             raise ApiError(400, f"一次最多 {MAX_EMBED_INPUTS} 条 / at most {MAX_EMBED_INPUTS} inputs per request",
                            "too_many_inputs", "input")
+        limit = svc.settings.max_message_chars  # the embedder's time grows with the text
+        if (longest := max(map(len, texts))) > limit:
+            raise _bad_request("input_too_long", "input", f"输入太长（{longest} 字，每条最多 {limit} 字）",
+                               f"input too long ({longest} characters, at most {limit} per input)")
 
         def run():
             embedder = svc.library.answerer(kb).searcher.embedder
@@ -623,16 +750,15 @@ def _retrieval_routes(app: FastAPI, svc: Service, auth) -> None:
                 raise ApiError(400, f"该模型只有 {embedder.dim} 维 / this model has {embedder.dim} dimensions",
                                "invalid_dimensions", "dimensions")
             embed = embedder.embed_queries if body.input_type == "query" else embedder.embed_passages
-            return embed(texts)
+            return embed(texts), sum(count_tokens(t) for t in texts)  # counting up to 1 MB: not on the loop
 
         async with _slot(svc.work_gate):
-            vectors = await run_in_threadpool(run)
+            vectors, tokens = await run_in_threadpool(run)
         data = []
         for i, vector in enumerate(vectors):
             value = (base64.b64encode(vector.astype("<f4").tobytes()).decode() if body.encoding_format == "base64"
                      else vector.astype(float).tolist())
             data.append({"object": "embedding", "index": i, "embedding": value})
-        tokens = sum(count_tokens(t) for t in texts)
         return {"object": "list", "data": data, "model": body.model,
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
@@ -675,7 +801,7 @@ def default_concurrency(backend: str, threads: int) -> int:
 
 
 def create_app(settings: Settings, *, concurrency: int | None = None, queue_size: int = 16,
-               queue_timeout: float = 60.0, max_body_bytes: int = 1_000_000,
+               queue_timeout: float = 60.0, max_body_bytes: int | None = None,
                max_tokens_limit: int | None = None) -> FastAPI:
     """The API app for the knowledge bases under ``settings.home``.
 
@@ -685,7 +811,7 @@ def create_app(settings: Settings, *, concurrency: int | None = None, queue_size
         concurrency: answers running at once (default by backend, see ``default_concurrency``).
         queue_size: requests allowed to wait for a slot; beyond it → 429.
         queue_timeout: seconds a request may wait for a slot; beyond it → 503.
-        max_body_bytes: request body limit → 413.
+        max_body_bytes: request body limit → 413 (default ``settings.max_request_bytes``).
         max_tokens_limit: largest accepted ``max_tokens`` (default: the model context, ``llm_context``).
     """
     api_key = settings.api_key or None  # RAG_API_KEY="" means no key, not an empty one
@@ -718,7 +844,7 @@ def create_app(settings: Settings, *, concurrency: int | None = None, queue_size
     _chat_routes(app, svc, auth)
     _retrieval_routes(app, svc, auth)
     _info_routes(app, svc, auth)
-    app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes)
+    app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes or settings.max_request_bytes)
     # Outside the Guard, so a browser's preflight (which never carries the key) is answered. Without
     # a key only local apps may read responses, not a web page; with a key any origin may try.
     origins = {"allow_origins": ["*"]} if api_key else {"allow_origin_regex": LOCAL_ORIGINS}

@@ -164,9 +164,9 @@ def verify(answer: str, passages: list[str], threshold: float = SUPPORT_THRESHOL
                                 next((r for r in reasons if r), ""))
         check.supported = bool(check.cited)
         checks.append(check)
-        tail = re.match(r"^(.*?)([。！？!?；;，,]*)$", body, re.S)
+        head = body.rstrip("。！？!?；;，,")  # markers go before the closing punctuation
         markers = "".join(f"[{n}]" for n in check.cited)
-        rebuilt.append(f"{tail.group(1)}{markers}{tail.group(2)}" if tail else body + markers)
+        rebuilt.append(f"{head}{markers}{body[len(head):]}")
     used: list[int] = []
     for check in checks:
         for n in check.cited:

@@ -66,9 +66,12 @@ def cmd_ingest(args) -> int:
 
 
 def cmd_search(args) -> int:
+    from rag.cli_answer import check_question
     from rag.retrieve import Searcher
 
-    searcher = Searcher(_settings(args))
+    settings = _settings(args)
+    check_question(args.query, settings)  # too long: one clear line, exit 2 (before any model loads)
+    searcher = Searcher(settings)
     hits = searcher.search(args.query, args.k, args.mode)
     if args.json:
         print(json.dumps([h.to_dict() for h in hits], ensure_ascii=False, indent=2))

@@ -5,13 +5,35 @@ import json
 import sys
 
 
-def _answerer(args):
-    from rag.answer import Answerer
+def question_error(question: str, settings) -> str | None:
+    """Why ``question`` is refused (longer than ``settings.max_question_chars``), or None."""
+    size, limit = len(question.strip()), settings.max_question_chars
+    if size <= limit:
+        return None
+    return (f"问题太长（{size} 字，最多 {limit} 字），请缩短问题（上限 RAG_MAX_QUESTION_CHARS）/ "
+            f"question too long ({size} characters, at most {limit}): ask a shorter one")
+
+
+def check_question(question: str, settings) -> None:
+    """Refuse a question longer than ``max_question_chars`` before any model is loaded:
+    ``ValueError``, which ``rag.cli.main`` prints as one line and exits with 2."""
+    error = question_error(question, settings)
+    if error:
+        raise ValueError(error)
+
+
+def _settings_for(args):
     from rag.cli import _settings
 
     settings = _settings(args)
     if args.llm:
         settings.llm_backend = args.llm
+    return settings
+
+
+def _answerer(settings):
+    from rag.answer import Answerer
+
     return Answerer(settings)
 
 
@@ -54,13 +76,15 @@ def _run(answerer, question: str, history, backend: str, as_json: bool):
 
 
 def cmd_ask(args) -> int:
-    answerer = _answerer(args)
+    settings = _settings_for(args)
+    check_question(args.question, settings)
+    answerer = _answerer(settings)
     result = _run(answerer, args.question, [], answerer.settings.llm_backend, args.json)
     return 0 if result is not None else 1
 
 
 def cmd_chat(args) -> int:
-    answerer = _answerer(args)
+    answerer = _answerer(_settings_for(args))
     backend = answerer.settings.llm_backend
     history: list[dict] = []
     print(f"知识库 {answerer.settings.kb} · 模型 {backend} · 输入问题，空行或 Ctrl-D 退出 / empty line to quit")
@@ -72,6 +96,10 @@ def cmd_chat(args) -> int:
             return 0
         if not question:
             return 0
+        error = question_error(question, answerer.settings)
+        if error:  # one too-long line must not end the conversation
+            print(error, file=sys.stderr)
+            continue
         result = _run(answerer, question, history, backend, False)
         if result.query != question:
             print(f"\n(检索用的问题 rewritten query: {result.query})")

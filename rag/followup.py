@@ -10,7 +10,32 @@ from rag.places import PLACE_SUFFIX, place_names
 from rag.zh import QUESTION_WORDS, normalise
 
 _FOLLOWUP_HEAD = re.compile(r"^\s*(?:那么|那|还有|再问一下|另外|而)\s*(?:在)?")
-_FOLLOWUP_TAIL = re.compile(r"(?:的情况|的呢|情况呢|呢|怎么样|如何|又如何|又是多少|有多少|是多少|多少|是谁|是什么|又是谁)?\s*[？?。！!]*\s*$")
+# Endings of a follow-up, longest first. Stripped by hand, not by a regex: "…呢" + 1,000 spaces
+# made the regex take seconds (it backtracks over the spaces), and questions come from users.
+_TAIL_WORDS = sorted(("的情况", "的呢", "情况呢", "呢", "怎么样", "如何", "又如何", "又是多少", "有多少", "是多少",
+                      "多少", "是谁", "是什么", "又是谁"), key=len, reverse=True)
+
+
+def _strip_tail(text: str) -> str:
+    """``text`` without its final punctuation and asking word (呢, 怎么样, 是多少…); linear time."""
+    body = text.rstrip().rstrip("？?。！!").rstrip()
+    for word in _TAIL_WORDS:
+        if body.endswith(word):
+            return body[:-len(word)]
+    return body
+
+
+def _drop_term(text: str, term: str) -> str:
+    """``text`` without its first ``term`` and the 和/与/及/、 that joined it; linear time."""
+    at = text.find(term)
+    if at < 0:
+        return text
+    start = len(text[:at].rstrip())
+    for joiner in ("以及", "和", "与", "及", "、"):
+        if text[:start].endswith(joiner):
+            start = len(text[:start - len(joiner)].rstrip())
+            break
+    return text[:start] + text[at + len(term):]
 _ENTITY_KINDS = ("place", "org", "person", "name", "quoted")
 
 
@@ -24,7 +49,7 @@ def resolve_followup(question: str, previous: str) -> str | None:
         question: the follow-up as typed.
         previous: the previous question, standalone.
     """
-    core = _FOLLOWUP_TAIL.sub("", _FOLLOWUP_HEAD.sub("", unicodedata.normalize("NFKC", question))).strip()
+    core = _strip_tail(_FOLLOWUP_HEAD.sub("", unicodedata.normalize("NFKC", question))).strip()
     if not core or len(core) > 16:
         return None
     new = question_frame(core)
@@ -50,7 +75,7 @@ def resolve_followup(question: str, previous: str) -> str | None:
         cut = 1 if c.text[-1:] in "区县市州" and after and after in "区县市州" else 0
         result = result[:at] + c.text + result[at + len(first.text) + cut:]
         for o in others:  # "襄阳和荆门…" followed by "那宜昌呢": the new term replaces the whole group
-            result = re.sub(rf"\s*(?:和|与|及|以及|、)?\s*{re.escape(o.text)}", "", result, count=1)
+            result = _drop_term(result, o.text)
     for c in new.constraints:  # 吴兴区委… with 长兴 in its place reads 长兴县委… (the level 长兴 has)
         if c.kind == "place" and c.text == PLACE_SUFFIX.sub("", c.text):
             at = result.find(c.text) + len(c.text)

@@ -40,6 +40,7 @@ class IngestReport:
     removed: list[str] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)  # (path, message)
     skipped: list[str] = field(default_factory=list)  # unsupported types found in folders
+    notes: list[tuple[str, str]] = field(default_factory=list)  # (path, why) left out of folders: hidden, symlinks…
     chunks: int = 0
     embedded: int = 0
     reused_vectors: int = 0
@@ -60,6 +61,11 @@ class IngestReport:
         ]
         if self.skipped:
             lines.append(f"跳过不支持的文件 skipped unsupported: {len(self.skipped)}")
+        if self.notes:
+            lines.append(f"跳过 skipped {len(self.notes)}（隐藏文件、符号链接等 / hidden files, symbolic links…）:")
+            lines += [f"  - {path}: {why}" for path, why in self.notes[:20]]
+            if len(self.notes) > 20:
+                lines.append(f"  … 另有 {len(self.notes) - 20} 项 / {len(self.notes) - 20} more")
         for path, message in self.failed:
             lines.append(f"  ✗ {message}" if path in message else f"  ✗ {path}: {message}")
         return "\n".join(lines)
@@ -85,7 +91,8 @@ def _parts(path: Path) -> tuple[str, ...]:
     return Path(os.path.abspath(path)).parts[1:]
 
 
-def document_files(paths: list[Path]) -> tuple[list[tuple[Path, str, str]], list[tuple[str, str]]]:
+def document_files(paths: list[Path], skipped: list[tuple[str, str]] | None = None
+                   ) -> tuple[list[tuple[Path, str, str]], list[tuple[str, str]]]:
     """``(file, doc_id, former_id)`` for every file under ``paths``, with unique ids, and the
     files left out as ``(path, message)`` (only when two different files cannot be told apart).
     ``former_id`` is the id the file gets when ingested alone (what older versions always gave).
@@ -99,7 +106,7 @@ def document_files(paths: list[Path]) -> tuple[list[tuple[Path, str, str]], list
     seen: set[str] = set()
     for root in map(Path, paths):
         entries = []
-        for file, legacy in iter_files([root]):
+        for file, legacy in iter_files([root], skipped):
             real = os.path.realpath(file)
             if real not in seen:
                 seen.add(real)
@@ -237,7 +244,7 @@ class Ingestor:
                   progress: bool) -> tuple[list[RawDocument], dict[str, str]]:
         """The documents to (re)index, and ``{new id: stored id}`` for stored documents of the
         same file that an older version (or a lone ingest) gave another id."""
-        files, conflicts = document_files([Path(p) for p in paths])
+        files, conflicts = document_files([Path(p) for p in paths], report.notes)
         report.failed.extend(conflicts)
         explicit = {str(Path(p)) for p in paths}
         max_bytes = int(self.settings.max_file_mb * 1e6)
@@ -249,7 +256,8 @@ class Ingestor:
                 report.skipped.append(str(file))
                 continue
             try:
-                loaded = load_file(file, doc_id, max_bytes)
+                loaded = load_file(file, doc_id, max_bytes, max_docx_bytes=int(self.settings.max_docx_inflated_mb * 1e6),
+                                   max_html_nodes=self.settings.max_html_nodes)
             except LoadError as exc:
                 report.failed.append((str(file), str(exc)))
                 continue

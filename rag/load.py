@@ -4,18 +4,41 @@ Supported: .txt .md .pdf .docx .html/.htm, and ``.jsonl`` corpora of
 ``{"id", "title", "text"}`` (one document per line, ids kept for evaluation).
 Every failure is a ``LoadError`` with a bilingual message so a bad file is
 reported and skipped instead of aborting a whole ingest.
+
+Hostile files are bounded: an HTML file is read in linear time and refused beyond
+``max_html_nodes`` elements or ``MAX_HTML_DEPTH`` levels of nesting; a .docx whose zip
+members inflate beyond ``max_docx_bytes`` is refused before it is parsed (declared sizes and
+the bytes actually inflated are both counted); a folder walk never leaves its folder through
+a symbolic link, and says what it skipped (``iter_files(..., skipped=[])``).
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
+import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 from charset_normalizer import from_bytes
 
+from rag.config import Settings
+
 SUPPORTED_SUFFIXES = {".txt", ".md", ".markdown", ".pdf", ".docx", ".html", ".htm", ".jsonl"}
+# Defaults of the bounds, from the one configuration object (``RAG_MAX_HTML_NODES``, ...).
+DEFAULT_MAX_HTML_NODES: int = Settings.model_fields["max_html_nodes"].default
+DEFAULT_MAX_DOCX_BYTES = int(Settings.model_fields["max_docx_inflated_mb"].default * 1e6)
+# html.parser nests unclosed tags (<p>a<p>b… is p > p > …), so an old page of thousands of
+# unclosed paragraphs is that deep and still a document; nesting beyond this is not.
+MAX_HTML_DEPTH = 10_000
+_HTML_ELEMENT = re.compile(r"<[A-Za-z]")  # what html.parser takes for a start tag (an upper bound)
+_HTML_SKIP = frozenset(("script", "style", "noscript"))
+_HTML_HEADINGS = {f"h{level}": "#" * level for level in range(1, 7)}
+_HTML_LINE_AFTER = frozenset(("p", "div", "li", "br", "tr"))
+_READ_CHUNK = 1 << 20
 # Chinese punctuation counted as "everyday" text by ``_common_share``.
 _CJK_PUNCT = set("，。、；：？！“”‘’（）《》【】「」『』…—·")
 
@@ -153,9 +176,35 @@ def _read_pdf(path: Path) -> tuple[str, list[int]]:
         raise LoadError(f"{path.name}: PDF 文件损坏 / corrupt PDF ({exc})") from exc
 
 
-def _read_docx(path: Path) -> str:
+def _check_docx_size(path: Path, max_bytes: int) -> None:
+    """Refuse a .docx (a zip) whose members inflate beyond ``max_bytes`` in all, before any
+    XML parser holds them in memory: the sizes the zip declares first, then the bytes that
+    actually come out, since a crafted header can understate them."""
+    too_big = LoadError(f"{path.name}: Word 文件解压后超过 {max_bytes / 1e6:.0f} MB，可能是压缩炸弹 / "
+                        f".docx inflates beyond {max_bytes / 1e6:.0f} MB (zip bomb?)")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = archive.infolist()
+            if sum(m.file_size for m in members) > max_bytes:
+                raise too_big
+            inflated = 0
+            for member in members:
+                with archive.open(member) as stream:
+                    while chunk := stream.read(_READ_CHUNK):
+                        inflated += len(chunk)
+                        if inflated > max_bytes:
+                            raise too_big
+    except LoadError:
+        raise
+    except (zipfile.BadZipFile, zlib.error, NotImplementedError, RuntimeError, ValueError, EOFError,
+            OSError) as exc:  # corrupt, encrypted or exotic compression
+        raise LoadError(f"{path.name}: 无法读取 Word 文件 / unreadable .docx ({exc})") from exc
+
+
+def _read_docx(path: Path, max_bytes: int = DEFAULT_MAX_DOCX_BYTES) -> str:
     import docx
 
+    _check_docx_size(path, max_bytes)
     try:
         document = docx.Document(str(path))
     except Exception as exc:  # python-docx raises zipfile/KeyError/ValueError
@@ -176,28 +225,57 @@ def _read_docx(path: Path) -> str:
     return "\n\n".join(lines)
 
 
-def _read_html(data: bytes, name: str) -> str:
-    from bs4 import BeautifulSoup
+def _read_html(data: bytes, name: str, max_nodes: int = DEFAULT_MAX_HTML_NODES) -> str:
+    """The text of an HTML page: no script/style/noscript, headings as Markdown ``#`` lines,
+    a line break after each p/div/li/br/tr.
 
-    soup = BeautifulSoup(decode_bytes(data, name), "html.parser")
-    for tag in soup(["script", "style", "noscript"]):
-        tag.decompose()
-    for level in range(1, 7):  # keep headings visible to the section detector
-        for tag in soup.find_all(f"h{level}"):
-            tag.insert_before("\n\n" + "#" * level + " ")
-            tag.insert_after("\n\n")
-    for tag in soup.find_all(["p", "div", "li", "br", "tr"]):
-        tag.insert_after("\n")
-    return soup.get_text()
+    One pass over the parsed tree with an explicit stack (no recursion, no tree edits: the
+    inserted-string version cost a sibling search per tag, quadratic on wide pages). Refused:
+    more than ``max_nodes`` elements, or nesting deeper than ``MAX_HTML_DEPTH``.
+    """
+    from bs4 import BeautifulSoup, CData, NavigableString, Tag
+
+    text = decode_bytes(data, name)
+    elements = sum(1 for _ in _HTML_ELEMENT.finditer(text))
+    if elements > max_nodes:
+        raise LoadError(f"{name}: HTML 元素过多（约 {elements} 个，上限 {max_nodes}）/ "
+                        f"too many HTML elements (~{elements}, at most {max_nodes})")
+    soup = BeautifulSoup(text, "html.parser")
+    parts: list[str] = []
+    stack = [iter(soup.contents)]
+    closing = [""]  # what to write when the element on the stack ends
+    while stack:
+        node = next(stack[-1], None)
+        if node is None:
+            stack.pop()
+            parts.append(closing.pop())
+        elif isinstance(node, Tag):
+            if node.name in _HTML_SKIP:
+                continue
+            if len(stack) > MAX_HTML_DEPTH:
+                raise LoadError(f"{name}: HTML 嵌套超过 {MAX_HTML_DEPTH} 层 / HTML nested deeper than "
+                                f"{MAX_HTML_DEPTH} levels")
+            heading = _HTML_HEADINGS.get(node.name)
+            if heading:  # keep headings visible to the section detector
+                parts.append(f"\n\n{heading} ")
+            stack.append(iter(node.contents))
+            closing.append("\n\n" if heading else "\n" if node.name in _HTML_LINE_AFTER else "")
+        elif type(node) in (NavigableString, CData):  # what get_text() reads: no comments, doctype...
+            parts.append(str(node))
+    return "".join(parts)
 
 
-def load_file(path: Path, doc_id: str, max_bytes: int) -> list[RawDocument]:
+def load_file(path: Path, doc_id: str, max_bytes: int, *, max_docx_bytes: int = DEFAULT_MAX_DOCX_BYTES,
+              max_html_nodes: int = DEFAULT_MAX_HTML_NODES) -> list[RawDocument]:
     """Read one file into documents (a .jsonl corpus yields many).
 
     Args:
         path: the file.
         doc_id: id to give a single-document file.
         max_bytes: files larger than this are refused.
+        max_docx_bytes: a .docx whose zip members inflate beyond this is refused
+            (``RAG_MAX_DOCX_INFLATED_MB``).
+        max_html_nodes: an HTML file with more elements than this is refused (``RAG_MAX_HTML_NODES``).
     """
     suffix = path.suffix.lower()
     if not path.is_file():
@@ -217,9 +295,9 @@ def load_file(path: Path, doc_id: str, max_bytes: int) -> list[RawDocument]:
     if suffix == ".pdf":
         text, page_starts = _read_pdf(path)
     elif suffix == ".docx":
-        text = _read_docx(path)
+        text = _read_docx(path, max_docx_bytes)
     elif suffix in (".html", ".htm"):
-        text = _read_html(path.read_bytes(), path.name)
+        text = _read_html(path.read_bytes(), path.name, max_html_nodes)
     else:
         text = decode_bytes(path.read_bytes(), path.name)
     text = text.replace("\r\n", "\n").replace("\r", "\n")
@@ -246,20 +324,73 @@ def _read_jsonl(path: Path) -> Iterator[RawDocument]:
                 yield RawDocument(doc_id, str(row.get("title") or ""), text, str(path))
 
 
-def iter_files(paths: list[Path]) -> Iterator[tuple[Path, str]]:
+def _folder_files(root: Path, skipped: list[tuple[str, str]]) -> list[Path]:
+    """The regular files under ``root``, sorted as ``sorted(root.rglob("*"))`` would give them.
+
+    Hidden entries (``.git``, ``.DS_Store``) are not entered; a symbolic link is followed only
+    to a file inside ``root`` (never to a folder: no loops, no second copy of a subtree); other
+    special files (FIFOs, devices) are left alone. Each of these lands in ``skipped`` with why.
+    """
+    top = root.resolve()
+    found: list[Path] = []
+    folders = [root]
+    while folders:  # iterative: no recursion limit on deep trees
+        folder = folders.pop()
+        try:
+            with os.scandir(folder) as scan:
+                entries = sorted(scan, key=lambda e: e.name)
+        except OSError as exc:
+            skipped.append((str(folder), f"无法读取文件夹 / cannot read the folder ({exc.strerror or exc})"))
+            continue
+        for entry in entries:
+            path = Path(entry.path)
+            try:
+                if entry.name.startswith("."):
+                    zh, en = ("文件夹", "folder") if entry.is_dir(follow_symlinks=False) else ("文件", "file")
+                    skipped.append((str(path), f"隐藏的{zh}，未导入 / hidden {en}, not ingested"))
+                elif entry.is_symlink():
+                    target = path.resolve()
+                    if not target.is_relative_to(top):
+                        skipped.append((str(path), (f"符号链接指向导入文件夹之外（{target}），未跟随 / "
+                                                    "symbolic link out of the ingested folder, not followed")))
+                    elif target.is_dir():
+                        skipped.append((str(path), ("指向文件夹的符号链接，未跟随 / symbolic link to a folder, "
+                                                    "not followed")))
+                    elif target.is_file():
+                        found.append(path)
+                    else:
+                        skipped.append((str(path), ("符号链接无效或不指向普通文件 / broken symbolic link or not "
+                                                    "a regular file")))
+                elif entry.is_dir(follow_symlinks=False):
+                    folders.append(path)
+                elif entry.is_file(follow_symlinks=False):
+                    found.append(path)
+                else:
+                    skipped.append((str(path), "不是普通文件（管道、设备…）/ not a regular file (pipe, device…)"))
+            except (OSError, RuntimeError) as exc:  # unreadable entry, symlink loop
+                skipped.append((str(path), f"无法读取 / cannot read ({exc})"))
+    return sorted(found)
+
+
+def iter_files(paths: list[Path], skipped: list[tuple[str, str]] | None = None) -> Iterator[tuple[Path, str]]:
     """Yield ``(file, doc_id)`` for files and folders (recursive, sorted, hidden skipped).
 
     The id of a file inside a folder is its path relative to that folder's parent,
-    so ``docs/a.txt`` stays ``docs/a.txt`` wherever the command runs from.
+    so ``docs/a.txt`` stays ``docs/a.txt`` wherever the command runs from (``docs/..``
+    counts as the folder it names, never as ``..``).
+
+    Args:
+        paths: files and folders, as given by the user (a file named here is read even
+            when it is a symbolic link: the user chose it).
+        skipped: receives ``(path, reason)`` for what a folder walk leaves out: hidden
+            entries, symbolic links out of the folder or to folders, special files.
     """
+    skipped = skipped if skipped is not None else []
     for root in paths:
         root = Path(root)
         if root.is_dir():
-            for file in sorted(root.rglob("*")):
-                rel = file.relative_to(root)
-                if file.is_file() and not any(p.startswith(".") for p in rel.parts):
-                    yield file, str(Path(root.name) / rel)
-        elif root.exists():
-            yield root, root.name
+            name = root.name if root.name != ".." else Path(os.path.abspath(root)).name
+            for file in _folder_files(root, skipped):
+                yield file, str(Path(name) / file.relative_to(root))
         else:
-            yield root, root.name  # load_file reports it missing
+            yield root, root.name  # load_file reports a missing or special file

@@ -13,7 +13,8 @@ from functools import lru_cache
 REFUSAL = "文档中没有找到相关信息"
 
 # A citation marker: [1], [1,2], 【1】, ［1、2］ (an optional space before it).
-MARKER = re.compile(r"\s*[\[【［](\d{1,2}(?:\s*[,，、]\s*\d{1,2})*)[\]】］]")
+# (?<!\s) keeps it linear: without it a long run of spaces is re-scanned from every position.
+MARKER = re.compile(r"(?<!\s)\s*[\[【［](\d{1,2}(?:\s*[,，、]\s*\d{1,2})*)[\]】］]")
 # A sentence ends at 。！？!?；; or a line break; markers after its end stay with it.
 SENTENCE = re.compile(r"[^。！？!?；;\n]+(?:[。！？!?；;]+(?:\s*[\[【［][\d,，、\s]+[\]】］])*)?")
 # A clause ends at a comma or colon too.

