@@ -72,6 +72,11 @@ class KBHandlers:
         """Check and index uploaded files. Returns (*view, status, cleared upload box)."""
         if not files:
             raise gr.Error("请先选择要上传的文件")
+        limit = self.kbs.settings.max_upload_files
+        if len(files) > limit:
+            _forget_uploads(files)
+            raise gr.Error(f"一次最多上传 {limit} 个文件（这次 {len(files)} 个），请分批上传 / "
+                           f"at most {limit} files per upload (RAG_MAX_UPLOAD_FILES)")
         accepted, lines = [], []
         for name in files:
             path = Path(name)
