@@ -112,12 +112,19 @@ def _replace_numbers(text: str) -> str:
     return _NUMBER.sub(lambda m: chinese_number(m.group()) or m.group(), text)
 
 
-def normalize_answer(text: str) -> str:
-    """Canonical form of an answer or alias for matching (see the module docstring)."""
+def normalize_answer(text: str, numbers: bool = True) -> str:
+    """Canonical form of an answer or alias for matching (see the module docstring).
+
+    Args:
+        text: answer or alias.
+        numbers: convert Chinese numerals and expand 万/亿 (``numbers=False`` keeps them as
+            written, for RGB's plain substring rule: "60.39" in "60.39亿").
+    """
     text = unicodedata.normalize("NFKC", str(text)).lower()
     text = _t2s()(text)
     text = _THOUSANDS.sub("", text)
-    text = _replace_numbers(text)
+    if numbers:
+        text = _replace_numbers(text)
     out = []
     for i, ch in enumerate(text):
         cat = unicodedata.category(ch)
@@ -164,8 +171,13 @@ def answer_correct(answer: str, answer_parts: Sequence[Sequence[str]] | Sequence
     if not parts:
         return False
     # "189[1]" must not read as 1891: citation markers are not part of the answer
-    norm = normalize_answer(MARKER.sub(" ", answer))
-    return all(any(contains(norm, normalize_answer(alias)) for alias in part if str(alias).strip()) for part in parts)
+    text = MARKER.sub(" ", answer)
+    norm, plain = normalize_answer(text), normalize_answer(text, numbers=False)
+
+    def matched(alias: str) -> bool:  # numbers compared as values (3万 = 30000), or as written (RGB's rule)
+        return contains(norm, normalize_answer(alias)) or contains(plain, normalize_answer(alias, numbers=False))
+
+    return all(any(matched(alias) for alias in part if str(alias).strip()) for part in parts)
 
 
 # ----------------------------------------------------------------------------- refusals

@@ -156,3 +156,10 @@ def test_citation_markers_are_not_part_of_the_answer():
     assert answer_correct("COMAC919【1】", [["COMAC919"]])
     assert not answer_correct("1891", [["189"]])  # a longer number is still not a match
     assert not answer_correct("18[9]", [["189"]])
+
+
+def test_a_unit_written_in_the_answer_but_not_in_the_gold_still_matches():
+    """RGB's own rule is a plain substring match: gold "60.39" is in the answer "60.39亿"."""
+    assert answer_correct("2022年春节档总票房60.39亿[1]", [["60.39", "60.4"]])
+    assert answer_correct("约3万人", [["30000"]])  # and values still compare (3万 = 30000)
+    assert not answer_correct("160.39亿", [["60.39"]])  # never inside a longer number
