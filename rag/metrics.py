@@ -25,6 +25,7 @@ from decimal import Decimal, InvalidOperation
 from functools import lru_cache
 from typing import Callable, Iterable, Sequence
 
+from rag import zh
 from rag.zh import MARKER
 
 # ----------------------------------------------------------------------------- normalisation
@@ -181,24 +182,7 @@ def answer_correct(answer: str, answer_parts: Sequence[Sequence[str]] | Sequence
 
 
 # ----------------------------------------------------------------------------- refusals
-_REFUSAL = re.compile(
-    r"(文档|资料|材料|上下文|参考|检索|提供的(内容|信息|文本)|已知信息|知识库)[^。！？\n]{0,12}"
-    r"(没有|未|并未|并没有|不)[^。！？\n]{0,6}(找到|提到|提及|包含|涉及|给出|记载|说明|相关|有关|这方面)"
-    r"|(没有|未|无法)(找到|检索到|查到)[^。！？\n]{0,8}(相关|有关|答案|信息|内容)"
-    r"|无法(根据|从|依据)[^。！？\n]{0,16}(回答|确定|得出|得知|判断|找到)"
-    r"|(无法|不能)回答|信息不足|缺乏相关信息|没有相关信息|暂无相关信息|不知道"
-    r"|i (do not|don't) know|not (found|mentioned|provided) in the (documents?|context)"
-    r"|insufficient information|cannot (be )?answer",
-    re.IGNORECASE,
-)
-
-
-def is_refusal(text: str) -> bool:
-    """True when an answer declines (e.g. 「文档中没有找到相关信息」, 「无法根据提供的文档回答」)."""
-    if not text or not text.strip():
-        return True  # an empty answer answers nothing
-    norm = _t2s()(unicodedata.normalize("NFKC", text))
-    return bool(_REFUSAL.search(norm))
+is_refusal = zh.is_refusal  # one refusal detector for the answer step and the metrics (rag.zh)
 
 
 # ----------------------------------------------------------------------------- retrieval

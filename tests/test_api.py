@@ -22,8 +22,7 @@ import httpx
 import numpy as np
 import openai
 import pytest
-import uvicorn
-from conftest import free_port, rag_command, rag_env
+from conftest import free_port, rag_command, rag_env, serve_app
 
 from rag.answer import REFUSAL
 from rag.api import ApiError, ChatMessage, Gate, check_bind, create_app, split_messages
@@ -125,18 +124,8 @@ def tight_server(kb_home):
     """In-process uvicorn, no key, one answer at a time, one waiting place of 50 ms."""
     home, _ = kb_home
     app = create_app(make_settings(home), concurrency=1, queue_size=1, queue_timeout=0.05)
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not srv.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "in-process server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(STOP_SECONDS)
-    assert not thread.is_alive(), "in-process server did not stop"
+    with serve_app(app, stop_timeout=STOP_SECONDS) as url:
+        yield url
 
 
 def ask(client: openai.OpenAI, question: str, model: str = "rag-wiki", **kwargs):

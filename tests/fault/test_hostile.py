@@ -33,8 +33,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
-from conftest import free_port, rag_command, rag_env
+from conftest import rag_command, rag_env, serve_app
 
 from rag.config import Settings
 from rag.ingest import Ingestor
@@ -132,18 +131,8 @@ def api(kb_home):
     from rag.api import create_app
 
     app = create_app(settings_for(kb_home, max_request_bytes=1_000_000))
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "API server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(20)
-    assert not thread.is_alive(), "API server did not stop"
+    with serve_app(app) as url:
+        yield url
 
 
 def error_of(response: httpx.Response) -> dict:
