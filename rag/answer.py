@@ -20,7 +20,7 @@ from langchain_core.runnables import RunnableLambda
 
 from rag.clean import is_heading_line
 from rag.align import align
-from rag.followup import resolve_followup
+from rag.followup import is_elliptical, resolve_followup
 from rag.frame import question_frame
 from rag.places import dominant_place
 from rag.cite import Citation, best_quote, bigrams, locate, split_sentences, verify
@@ -160,6 +160,8 @@ class Answerer:
         if substituted:
             return substituted
         if backend == "extractive":
+            if not is_elliptical(question):
+                return question  # a question that stands on its own is not mixed with the last one
             # No LLM: carry the previous question's words so the retriever keeps the topic.
             # The follow-up's places, years and organisations replace the previous question's.
             kinds = {c.kind for c in question_frame(question).constraints}

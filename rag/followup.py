@@ -85,3 +85,16 @@ def resolve_followup(question: str, previous: str) -> str | None:
                 if other:
                     result = result[:at] + other + result[at + 1:]
     return result if result != previous else None
+
+
+_REFERS_BACK = re.compile(r"^\s*(?:那么|那|还有|另外|而|它|他|她|其|该|这个|这|此)")
+
+
+def is_elliptical(question: str) -> bool:
+    """A follow-up that leans on the previous turn ("那宜昌呢?", "它的部长是谁？", "有多少人？")
+    rather than a question of its own ("持有读者证每次最多可以借阅多少册图书？")."""
+    text = unicodedata.normalize("NFKC", question).strip()
+    if _REFERS_BACK.match(text) or _strip_tail(text) != text.rstrip().rstrip("？?。！!").rstrip() and len(text) <= 12:
+        return True
+    frame = question_frame(text)
+    return len(normalise(text)) < 6 or (not frame.constraints and len(frame.subject) < 2)
