@@ -51,7 +51,7 @@ class Settings(BaseSettings):
     # 2-core CPU (~90-150 tokens/s for the 1.5B model).
     llm_passage_tokens: int = 600
     # Each passage is cut to its sentences that bear on the question (rag.focus), at most this
-    # many tokens; 0 gives the LLM whole chunks. Measured in bench/results-answers.md.
+    # many tokens; 0 gives the LLM whole chunks. Measured with bench/bench_answers.py (README).
     llm_focus_tokens: int = 180
     # Passages numbered for the LLM (of the top_k retrieved). Fewer, focused passages kept the
     # 1.5B model's refusals right and its time to first token under 5 s (README).
