@@ -24,9 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import shutil
-import socket
 import sqlite3
 import sys
 import threading
@@ -37,9 +34,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-import faiss
 import filelock
 import numpy as np
+
+from rag.index_files import Indexes, clear_leftovers, read_generation, remove_older_generations, write_generation
+from rag.writers import HOST, LockReportingConnection, default_lock_timeout, writer_alive
+from rag.writers import KnowledgeBaseBusyError, KnowledgeBaseError  # noqa: F401 (callers import them from here)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -65,84 +65,6 @@ WRITER_TABLES = (
     ("CREATE TABLE IF NOT EXISTS vector_claims (token TEXT NOT NULL, content_hash TEXT NOT NULL, "
      "PRIMARY KEY (token, content_hash)) WITHOUT ROWID"),
 )
-DEFAULT_LOCK_TIMEOUT = 600.0  # Settings.write_lock_timeout's default
-_HOST = socket.gethostname()
-_GENERATION = re.compile(r"gen-(\d+)")
-# Above this many chunks an exact flat scan costs more than an HNSW graph (measured: flat
-# 5.6 ms at 100k vs < 1.5 ms for HNSW M=32 on 2 cores); below it, exact search is free.
-HNSW_MIN_CHUNKS = 50_000
-HNSW_M = 32
-HNSW_EF_SEARCH = 128
-
-
-class KnowledgeBaseError(RuntimeError):
-    """Raised for a KB that cannot be used as asked (wrong model, missing, ...)."""
-
-
-class KnowledgeBaseBusyError(KnowledgeBaseError):
-    """Another writer kept the KB (its lock file or SQLite's write lock) past the timeout."""
-
-
-def _default_lock_timeout() -> float:
-    try:
-        from rag.config import Settings
-
-        return float(Settings().write_lock_timeout)
-    except Exception:  # a broken .env must not stop a read
-        return DEFAULT_LOCK_TIMEOUT
-
-
-def _busy_message(name: str, seconds: float) -> str:
-    return (f"知识库 {name} 的数据库正忙（另一个进程正在写入），等待 {seconds:g} 秒后放弃，请稍后再试"
-            f" / the database of KB {name} is busy (another process is writing); gave up after {seconds:g} s,"
-            f" try again later")
-
-
-class _Connection(sqlite3.Connection):
-    """A connection whose lock errors ("database is locked", after the busy timeout) become a
-    ``KnowledgeBaseBusyError`` with a message the user can act on, instead of a traceback."""
-
-    kb_name = "?"
-    busy_seconds = 0.0
-
-    def _translate(self, exc: sqlite3.OperationalError) -> BaseException:
-        text = str(exc).lower()
-        if "locked" in text or "busy" in text:
-            return KnowledgeBaseBusyError(_busy_message(self.kb_name, self.busy_seconds))
-        return exc
-
-    def execute(self, *args):
-        try:
-            return super().execute(*args)
-        except sqlite3.OperationalError as exc:
-            raise self._translate(exc) from exc
-
-    def executemany(self, *args):
-        try:
-            return super().executemany(*args)
-        except sqlite3.OperationalError as exc:
-            raise self._translate(exc) from exc
-
-    def executescript(self, *args):
-        try:
-            return super().executescript(*args)
-        except sqlite3.OperationalError as exc:
-            raise self._translate(exc) from exc
-
-
-def _alive(pid: int, host: str, started_at: float) -> bool:
-    """Whether a registered writer may still be running (unknown hosts: for a week)."""
-    if host != _HOST:
-        return time.time() - started_at < 7 * 86400
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # EPERM: alive, someone else's
-        return True
-    return True
 
 
 @dataclass
@@ -169,24 +91,6 @@ class DocumentInfo:
     added_at: float
 
 
-@dataclass
-class Indexes:
-    """The loaded derived indexes of one generation."""
-
-    generation: int
-    dense: faiss.Index
-    bm25: object  # bm25s.BM25
-    bm25_rows: np.ndarray  # bm25 row -> chunk id
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(str(path), os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class KnowledgeBase:
     """A knowledge base directory.
 
@@ -206,7 +110,7 @@ class KnowledgeBase:
                 f"知识库不存在：{self.path}（先运行 rag ingest）/ knowledge base not found: {self.path} (run rag ingest first)"
             )
         self.path.mkdir(parents=True, exist_ok=True)
-        self.lock_timeout = float(_default_lock_timeout() if lock_timeout is None else lock_timeout)
+        self.lock_timeout = float(default_lock_timeout() if lock_timeout is None else lock_timeout)
         self._lock_owner: int | None = None  # thread holding write_lock() through this object
         self._lock_depth = 0
         self._token: str | None = None  # this writer's registration in ``writers`` (while it claims vectors)
@@ -218,7 +122,7 @@ class KnowledgeBase:
         # serialised by the lock file and SQLite's own lock (BEGIN IMMEDIATE). The busy
         # timeout makes a writer wait for SQLite's lock as long as for the lock file.
         db = sqlite3.connect(str(self._db_file), timeout=self.lock_timeout, isolation_level=None,
-                             check_same_thread=False, factory=_Connection)
+                             check_same_thread=False, factory=LockReportingConnection)
         db.kb_name, db.busy_seconds = self.path.name, self.lock_timeout
         try:
             db.execute("PRAGMA journal_mode=WAL")
@@ -384,7 +288,7 @@ class KnowledgeBase:
         if self._token is None:
             self._token = uuid.uuid4().hex
         db.execute("INSERT OR IGNORE INTO writers(token, pid, host, started_at) VALUES (?, ?, ?, ?)",
-                   (self._token, os.getpid(), _HOST, time.time()))
+                   (self._token, os.getpid(), HOST, time.time()))
         return self._token
 
     def claim_vectors(self, hashes: list[str]) -> None:
@@ -413,7 +317,7 @@ class KnowledgeBase:
         """Inside a write transaction: drop this writer's claims and those of dead writers."""
         gone = [token for token, pid, host, started in
                 db.execute("SELECT token, pid, host, started_at FROM writers").fetchall()
-                if token == self._token or not _alive(pid, host, started)]
+                if token == self._token or not writer_alive(pid, host, started)]
         for token in gone:
             db.execute("DELETE FROM vector_claims WHERE token=?", (token,))
             db.execute("DELETE FROM writers WHERE token=?", (token,))
@@ -465,8 +369,6 @@ class KnowledgeBase:
             self.db.execute(f"PRAGMA busy_timeout = {int(self.lock_timeout * 1000)}")
 
     def _build_indexes(self, generation: int) -> None:
-        import bm25s
-
         rows = self.db.execute(
             "SELECT c.id, c.lexical, v.vector FROM chunks c JOIN vectors v ON v.content_hash = c.content_hash "
             "ORDER BY c.id"
@@ -477,40 +379,14 @@ class KnowledgeBase:
         if missing:
             raise KnowledgeBaseError(f"{missing} chunks have no vector; refusing to build an incomplete index")
         dim = int(self.meta("dim", "0") or 0)
-        tmp = self.path / f"tmp-gen-{generation}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
         ids = np.array([r[0] for r in rows], dtype=np.int64)
         vectors = (np.frombuffer(b"".join(r[2] for r in rows), dtype=np.float32).reshape(len(rows), dim)
                    if rows else np.zeros((0, dim), dtype=np.float32))
-        inner = (faiss.IndexHNSWFlat(dim, HNSW_M, faiss.METRIC_INNER_PRODUCT)
-                 if len(rows) >= HNSW_MIN_CHUNKS else faiss.IndexFlatIP(dim))
-        dense = faiss.IndexIDMap2(inner)
-        if len(rows):
-            dense.add_with_ids(vectors, ids)
-        faiss.write_index(dense, str(tmp / "dense.faiss"))
-        corpus_tokens = [json.loads(r[1]) or [""] for r in rows]
-        bm25 = bm25s.BM25(k1=1.2, b=0.75)
-        if corpus_tokens:
-            bm25.index(corpus_tokens, show_progress=False)
-            bm25.save(str(tmp / "bm25"), allow_pickle=False)
-        np.save(tmp / "rows.npy", ids, allow_pickle=False)
-        for file in tmp.rglob("*"):
-            if file.is_file():
-                with open(file, "rb+") as fh:
-                    os.fsync(fh.fileno())
-        _fsync_dir(tmp)
-        final = self.path / f"gen-{generation}"
-        shutil.rmtree(final, ignore_errors=True)  # a leftover of a crashed attempt, never committed
-        os.rename(tmp, final)
-        _fsync_dir(self.path)
+        write_generation(self.path, generation, ids, vectors, [json.loads(r[1]) or [""] for r in rows])
 
     def _clear_index_leftovers(self) -> None:
-        """Inside a write transaction only: delete every index folder but the committed one
-        (temporary and uncommitted ones of crashed writers, old generations)."""
-        keep = f"gen-{self.generation}"
-        for entry in self.path.iterdir():
-            if entry.is_dir() and entry.name.startswith(("gen-", "tmp-gen-")) and entry.name != keep:
-                shutil.rmtree(entry, ignore_errors=True)
+        """Inside a write transaction only: delete every index folder but the committed one."""
+        clear_leftovers(self.path, self.generation)
 
     def remove_stale_generations(self, below: int | None = None) -> None:
         """Delete index folders of generations older than the committed one (or ``below``).
@@ -518,32 +394,19 @@ class KnowledgeBase:
         Never a newer or temporary folder: outside a write transaction another writer may be
         writing it (what crashed writers leave is cleared inside the next write transaction).
         """
-        keep = self.generation if below is None else min(below, self.generation)
-        for entry in self.path.iterdir():
-            match = _GENERATION.fullmatch(entry.name)
-            if match and entry.is_dir() and int(match.group(1)) < keep:
-                shutil.rmtree(entry, ignore_errors=True)
+        remove_older_generations(self.path, self.generation if below is None else min(below, self.generation))
 
     # ---------------------------------------------------------------- index loading
     def load_indexes(self) -> Indexes | None:
         """Load the current generation's indexes (None for an empty KB)."""
-        import bm25s
-
         for _ in range(3):  # a writer may swap generations while we read
             generation = self.generation
             if generation == 0:
                 return None
-            folder = self.path / f"gen-{generation}"
             try:
-                dense = faiss.read_index(str(folder / "dense.faiss"))
-                rows = np.load(folder / "rows.npy", allow_pickle=False)
-                bm25 = bm25s.BM25.load(str(folder / "bm25"), allow_pickle=False) if len(rows) else None
+                return read_generation(self.path, generation)
             except (RuntimeError, FileNotFoundError, OSError):
                 time.sleep(0.05)
-                continue
-            if isinstance(inner := faiss.downcast_index(dense.index), faiss.IndexHNSW):
-                inner.hnsw.efSearch = HNSW_EF_SEARCH
-            return Indexes(generation, dense, bm25, rows)
         raise KnowledgeBaseError(f"index files of generation {self.generation} are missing in {self.path}")
 
     def close(self) -> None:
