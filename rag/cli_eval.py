@@ -36,7 +36,7 @@ def _default_out(args, settings) -> Path:
 
 def cmd_eval(args) -> int:
     from rag.cli import _settings
-    from rag.evaluate import check_thresholds, compare_reports, ensure_corpus_kb, parse_threshold, run_eval, _read_log
+    from rag.evaluate import check_thresholds, compare_reports, ensure_corpus_kb, parse_threshold, read_log, run_eval
 
     if args.table:
         from rag.eval_table import answers_table
@@ -86,7 +86,7 @@ def cmd_eval(args) -> int:
         print("  answer: " + " · ".join(f"{k} {v}" for k, v in report["answer"].items()))
     print(f"报告 report: {out / 'report.md'}")
     if args.compare:
-        records = list(_read_log(out / "log.jsonl").values())
+        records = list(read_log(out / "log.jsonl").values())
         print(compare_reports(Path(args.compare), report, records))
     failures = check_thresholds(report, args.fail_under)
     for failure in failures:
