@@ -249,11 +249,9 @@ def names_person_in_role(frame: QuestionFrame, sentence: str, clause: str, conte
     return False
 
 
-def _anchor_sentences(clause: str, passage: str, question: str) -> list[int]:
-    """Indexes of the passage sentences that hold the clause's answer: those containing its
+def _anchor_sentences(clause: str, sentences: list[str], question: str) -> list[int]:
+    """Indexes of the passage ``sentences`` that hold the clause's answer: those containing its
     numbers not taken from the question, else the one covering most of its new bigrams."""
-    spans = sentence_spans(passage)
-    sentences = [passage[a:b] for a, b in spans]
     body = unicodedata.normalize("NFKC", MARKER.sub("", clause))
     asked = set(_NUMBER.findall(unicodedata.normalize("NFKC", question)))
     numbers = [n for n in _NUMBER.findall(body) if n not in asked]
@@ -316,7 +314,7 @@ def align(clause: str, passage: str, frame: QuestionFrame, context: str = "", ab
         return Alignment(False, reason="the question asks when; the clause has no time")
     if frame.asks == "place" and not _names_a_place(said):
         return Alignment(False, reason="the question asks where; the clause names no place")
-    anchors = _anchor_sentences(clause, passage, frame.question)
+    anchors = _anchor_sentences(clause, sentences, frame.question)
     if not anchors:
         return Alignment(False, reason="no passage sentence holds the answer")
     best: Alignment | None = None

