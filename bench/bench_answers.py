@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from rag import metrics as M  # noqa: E402
-from rag.answer import make_answer_fn  # noqa: E402
+from rag.answer import Answerer, make_answer_fn  # noqa: E402
 from rag.config import Settings  # noqa: E402
 from rag.evaluate import ensure_corpus_kb  # noqa: E402
 
@@ -47,7 +47,7 @@ def run_set(name: str, llm: str, limit: int | None, out) -> dict:
     questions = [json.loads(line) for line in questions_file.read_text(encoding="utf-8").splitlines() if line.strip()]
     questions = questions[:limit] if limit else questions
     settings, _ = ensure_corpus_kb(corpus, Settings())
-    answer = make_answer_fn(settings, backend=llm)
+    answer = make_answer_fn(Answerer(settings), backend=llm)
     rows = []
     for i, q in enumerate(questions, 1):
         negative = q.get("type") == "negative" or not (q.get("gold_ids") or q.get("gold_quotes"))

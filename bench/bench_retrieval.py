@@ -5,7 +5,10 @@ For each set: build (or reuse) its evaluation KB under ``index/`` (same KB as
 ``Searcher.search`` in dense, bm25 and hybrid mode, and print hit@1 / hit@5 /
 MRR@10 / recall@10 (+ all_groups@10 where evidence groups exist), query latency
 p50/p95 per mode, ingest throughput and peak RSS as a Markdown table (also
-written to ``bench/results.md`` and ``bench/results.json``).
+written to ``bench/results.md`` and ``bench/results.json``). A second table compares,
+on the questions ``rag.decompose`` splits (rgb_zh_int, the seeds two-part set), searching
+them as one query with searching them part by part (the default), and gives the latency
+of the single questions beside it.
 
 The raw dense and BM25 rankings (top 100 each) are cached per question under
 ``index/_bench/<kb>/rankings.jsonl`` so fusion variants can be re-scored without
@@ -51,6 +54,8 @@ SETS = {
     "rgb_zh": (SHARED / "evaldata" / "rgb_zh" / "corpus.jsonl", SHARED / "evaldata" / "rgb_zh" / "questions.jsonl"),
     "rgb_zh_int": (SHARED / "evaldata" / "rgb_zh_int" / "corpus.jsonl",
                    SHARED / "evaldata" / "rgb_zh_int" / "questions.jsonl"),
+    # the project's two-part questions on the seeds (same KB as "seeds")
+    "seeds_twopart": (SHARED / "corpus" / "seeds", ROOT / "eval" / "sets" / "seeds_twopart.jsonl"),
 }
 MODES = ("dense", "bm25", "hybrid")
 LOAD_BEFORE = os.getloadavg()
@@ -153,9 +158,11 @@ def bench_set(name: str, settings: Settings, embedder, limit: int | None, progre
             keys = ["hit@1", "hit@3", "hit@5", "hit@10", "mrr@10", "recall@10"] + (["all_groups@10"] if has_groups else [])
             lat = [r["latency_ms"]["retrieve"] for r in recs]
             result["modes"][mode] = {
-                **{k: round(M.mean(s[k] for s in scored), 4) for k in keys},
+                # all_groups@10: over the questions that have evidence groups
+                **{k: round(M.mean(s[k] for s in scored if k in s), 4) for k in keys},
                 "p50_ms": round(M.percentile(lat, 50), 2), "p95_ms": round(M.percentile(lat, 95), 2),
             }
+        result["compound"] = bench_compound(questions, searcher, judge, records["hybrid"])
         identity = {"kb": kb_settings.kb, "generation": searcher.kb.generation, "pipeline": pipeline_fingerprint(),
                     "candidates": CANDIDATES}
         cache_rankings(searcher, questions, ROOT / "index" / "_bench" / kb_settings.kb / "rankings.jsonl", identity)
@@ -164,6 +171,51 @@ def bench_set(name: str, settings: Settings, embedder, limit: int | None, progre
     result["seconds"] = round(time.perf_counter() - started, 1)
     result["peak_rss_mb"] = round(peak_rss_mb(), 1)
     return result
+
+
+class _OneQuery:
+    """A searcher whose ``search_parts`` searches every question as one (no decomposition)."""
+
+    def __init__(self, searcher):
+        self.searcher = searcher
+
+    def search_parts(self, query, k=None, mode="hybrid"):
+        return self.searcher.search_parts(query, k, mode, split=False)
+
+
+def _all_units_at(record: dict, k: int) -> float:
+    """1 when the top ``k`` chunks cover every gold unit (both parts' quotes of a two-part question)."""
+    got = set().union(*[set(h["gold"]) for h in record["retrieved"][:k]])
+    return float(len(got) == record["n_units"])
+
+
+def bench_compound(questions, searcher, judge, multi: list[dict]) -> dict:
+    """Hybrid retrieval of the questions ``rag.decompose`` splits, searched as one query and part by
+    part (the default): all_groups@10, recall@10, all gold units in the top 5, latency; and the
+    latency of the others (one search, as before)."""
+    from rag.decompose import decompose
+
+    compound = [i for i, q in enumerate(questions) if decompose(q.search_query).compound]
+    out = {"decomposed": len(compound), "questions": len(questions)}
+    if compound:
+        one = [evaluate_question(questions[i], _OneQuery(searcher), judge, "hybrid", DEPTH) for i in compound]
+        for label, recs in (("one_query", one), ("multi_query", [multi[i] for i in compound])):
+            for r, i in zip(recs, compound):
+                r["n_units"] = len(questions[i].gold_units)
+            scored = [r for r in recs if r.get("metrics")]
+            lat = [r["latency_ms"]["retrieve"] for r in recs]
+            row = {key: round(M.mean(r["metrics"][key] for r in scored), 4) for key in ("hit@1", "recall@10")}
+            grouped = [r["metrics"]["all_groups@10"] for r in scored if "all_groups@10" in r["metrics"]]
+            row["all_groups@10"] = round(M.mean(grouped), 4) if grouped else None
+            by_quote = [r for r, i in zip(recs, compound) if r.get("metrics") and questions[i].by_quote]
+            for n in (3, 5):  # the answer step reads the first 3 (llm_passages) of the top 5
+                row[f"all_units@{n}"] = round(M.mean(_all_units_at(r, n) for r in by_quote), 4) if by_quote else None
+            row.update(p50_ms=round(M.percentile(lat, 50), 2), p95_ms=round(M.percentile(lat, 95), 2))
+            out[label] = row
+    single = [multi[i]["latency_ms"]["retrieve"] for i in range(len(questions)) if i not in set(compound)]
+    if single:
+        out["single_p50_ms"] = round(M.percentile(single, 50), 2)
+    return out
 
 
 def render(results: list[dict], total_seconds: float, settings: Settings) -> str:
@@ -190,6 +242,23 @@ def render(results: list[dict], total_seconds: float, settings: Settings) -> str
             groups = f"{m['all_groups@10']:.3f}" if "all_groups@10" in m else "–"
             lines.append(f"| {r['set']} ({r['answerable']} q) | {mode} | {m['hit@1']:.3f} | {m['hit@5']:.3f} | "
                          f"{m['mrr@10']:.3f} | {m['recall@10']:.3f} | {groups} | {m['p50_ms']:.1f} | {m['p95_ms']:.1f} |")
+    lines += ["", "Compound questions (`rag.decompose` splits them; hybrid): searched as one query, and part by part"
+              " (the default: the whole question's top-1, then each part's best chunks in turn). all units@n: both"
+              " parts' gold quotes in the top n (sets with gold quotes). Single questions take one search, as before.",
+              "",
+              "| set | decomposed | search | hit@1 | recall@10 | all_groups@10 | all units@3 | all units@5 | p50 ms |"
+              " p95 ms | single q p50 ms |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        c = r.get("compound") or {}
+        for label in ("one_query", "multi_query"):
+            if label not in c:
+                continue
+            m = c[label]
+            groups, u3, u5 = (f"{m[key]:.3f}" if m.get(key) is not None else "–"
+                              for key in ("all_groups@10", "all_units@3", "all_units@5"))
+            lines.append(f"| {r['set']} | {c['decomposed']}/{c['questions']} | {label.replace('_', '-')} | "
+                         f"{m['hit@1']:.3f} | {m['recall@10']:.3f} | {groups} | {u3} | {u5} | "
+                         f"{m['p50_ms']:.1f} | {m['p95_ms']:.1f} | {c.get('single_p50_ms', '–')} |")
     lines += ["", "| set | passages | chunks | embed passages/s | (measured on) | ingest s (this run) | set total s |"
               " peak RSS MB |", "|---|---|---|---|---|---|---|---|"]
     for r in results:

@@ -1,93 +1,103 @@
 """Step 7 — answer: question in, grounded Chinese answer with verified citations out.
 
-The chain (LCEL): rewrite a follow-up into a standalone question → hybrid
-retrieve → pack numbered passages into the token budget → LLM → verify the
-citations (``rag.cite``). Three backends: ``local`` (GGUF via llama.cpp),
-``openai`` (any OpenAI-compatible endpoint) and ``extractive`` (no LLM: the best
-supporting sentences, instantly; also the fallback when an LLM is unavailable).
+The answer flow is one LCEL chain of named steps, each a small generator that passes on
+the events before it and hands the turn (``Turn``) to the next:
+
+    rewrite → retrieve → pack → generate → verify → finalise
+
+``Answerer.chain`` is that runnable: ``.stream({"question", "history"?, "backend"?, "k"?,
+"max_tokens"?})`` yields typed events (``rag.answer_types``: ``Rewritten``, ``Retrieved``,
+``Token``..., ``Answered`` last) and ``.invoke`` returns the final ``Answered``. The CLI, the
+web UI, the HTTP API and ``rag eval`` all run it. Three backends: ``local`` (GGUF via
+llama.cpp), ``openai`` (any OpenAI-compatible endpoint) and ``extractive`` (no LLM: the best
+supporting sentences, instantly). The LLM falls back to the extractive answer through
+``.with_fallbacks()`` when it fails before its first token (model missing, server down).
 """
 from __future__ import annotations
 
-import re
+import threading
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
-from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate, PromptTemplate
-from langchain_core.runnables import RunnableLambda
+from langchain_core.runnables import Runnable, RunnableGenerator, RunnableLambda
 
-from rag.clean import is_heading_line
-from rag.align import align
-from rag.followup import is_elliptical, resolve_followup
-from rag.frame import question_frame
-from rag.places import dominant_place
-from rag.cite import Citation, best_quote, bigrams, locate, split_sentences, verify
-from rag.config import PROJECT_ROOT, Settings
-from rag.focus import focus, question_grams
+from rag.answer_types import (  # noqa: F401 (AnswerEvent, eval_record: also imported from here)
+    AnswerEvent, Answered, AnswerResult, Drafted, Retrieved, Rewritten, Token, _LastWins, eval_record)
+from rag.cite import Citation, best_quote, locate, verify
+from rag.config import Settings
+from rag.extractive import extractive_answer, passage_context
+from rag.focus import focus
+from rag.followup import rule_rewrite, user_turns
+from rag.frame import part_labels
 from rag.judge import support_probability
-from rag.zh import is_question
+from rag.places import dominant_place
 from rag.retrieve import Hit, Searcher
+from rag.templates import load_prompt
 from rag.tokens import count_tokens
+from rag.zh import REFUSAL, is_refusal
 
-REFUSAL = "文档中没有找到相关信息"
-_REFUSAL_PATTERNS = re.compile(r"文档中没有找到|没有找到相关信息|资料中没有|资料未提及|无法从资料|未提供相关信息|没有提到|未提及")
 # Dense cosine of the best passage below which nothing is considered relevant. e5 cosines are
 # compressed (unrelated Chinese text still scores ~0.75); measured on the shared sets (README).
 MIN_DENSE_SCORE = 0.80
-# What an answer to a "how long / how high / when ..." question usually contains: the extractive
-# backend prefers sentences with these cues (and with a number) when the question asks for one.
-_ANSWER_CUES = [
-    (re.compile(r"多长|长度"), re.compile(r"长度|全长|总长|长约|千米|公里|米")),
-    (re.compile(r"多高|高度|海拔"), re.compile(r"高度|海拔|高约|米")),
-    (re.compile(r"多大|面积"), re.compile(r"面积|平方")),
-    (re.compile(r"多久|多长时间"), re.compile(r"\d+\s*(?:年|个月|天|小时|分钟)")),
-    (re.compile(r"哪年|哪一年|何时|什么时候|哪天"), re.compile(r"\d+\s*年|\d+\s*月|\d+\s*日")),
-]
-_QUANTITY_QUESTION = re.compile(r"多少|几|多长|多高|多大|多远|多久|多重|多宽|多深|哪年|何时|什么时候|比例|百分之")
+LLM_UNAVAILABLE = "大模型不可用，已改用抽取式回答 / LLM unavailable, extractive answer ({})"
+LLM_FAILED = "大模型出错，已改用抽取式回答 / LLM failed, extractive answer ({})"
 
 
 @dataclass
-class AnswerResult:
-    """Everything the UI, API and evaluation need about one answer."""
+class Turn(_LastWins):
+    """One question on its way through the chain: each step fills in its part."""
 
     question: str
-    query: str  # the standalone (rewritten) question used for retrieval
-    answer: str  # text with verified [n] markers
-    citations: list[Citation] = field(default_factory=list)
-    sentences: list[dict] = field(default_factory=list)  # per-sentence verification
-    refused: bool = False
-    unsupported_sentences: int = 0
-    passages: list[dict] = field(default_factory=list)  # the numbered passages shown ([1] = passages[0])
-    backend: str = "extractive"
-    notice: str | None = None  # e.g. "LLM unavailable, extractive answer"
-    judge: float | None = None  # the LLM's probability that its answer is backed (None: not asked)
-    timings: dict[str, float] = field(default_factory=dict)  # ms: rewrite, retrieve, first_token, total
+    history: list[dict]
+    backend: str
+    k: int
+    max_tokens: int | None = None
+    started: float = field(default_factory=time.perf_counter)
+    query: str = ""
+    parts: list[str] = field(default_factory=list)
+    hits: list[Hit] = field(default_factory=list)
+    passages: list[dict] = field(default_factory=list)
+    # One entry per part of the question (one for a single question): its numbered passages
+    # (indices into ``hits``), their prompt text, and the model's answer to it.
+    part_hits: list[list[int]] = field(default_factory=list)
+    part_contexts: list[str] = field(default_factory=list)
+    part_texts: list[str] = field(default_factory=list)
+    text: str = ""
+    messages: list | None = None
+    notice: str | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    result: AnswerResult | None = None
+    # Set when the caller closes the stream (a client left): the steps then stop working. LCEL
+    # drains a closed sequence through its later steps, so closing alone would not stop the LLM.
+    cancelled: threading.Event = field(default_factory=threading.Event)
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+    def elapsed_ms(self) -> float:
+        return (time.perf_counter() - self.started) * 1000
 
-    def sources_text(self) -> str:
-        """Numbered sources block, readable in any terminal or chat client."""
-        lines = []
-        for c in self.citations:
-            where = " · ".join(x for x in (c.title or c.doc_id, c.section, f"第{c.page}页" if c.page else "") if x)
-            lines.append(f"[{c.number}] {where}\n    「{c.quote}」")
-        return "\n".join(lines)
+    @property
+    def questions(self) -> list[str]:
+        """What the model answers: each part of a compound question, else the query itself."""
+        return self.parts if len(self.parts) > 1 else [self.query]
 
 
-def passage_context(hit: Hit) -> str:
-    """What a passage is about besides its text: document title and section path."""
-    return f"{hit.chunk.title or ''} {hit.chunk.section or ''}".strip()
+def _step(name: str, work: Callable[[Turn], Iterator]) -> Runnable:
+    """A named chain step: events from earlier steps pass through; the turn goes to ``work``,
+    which yields its own events and then the turn for the next step."""
+    def transform(items: Iterator) -> Iterator:
+        for item in items:
+            if isinstance(item, Turn) and not item.cancelled.is_set():
+                yield from work(item)
+            else:
+                yield item
+    return RunnableGenerator(transform, name=name)
 
 
-def load_prompt(name: str) -> str:
-    return (PROJECT_ROOT / "prompts" / f"{name}.txt").read_text(encoding="utf-8")
-
-
-def is_refusal(text: str) -> bool:
-    return bool(_REFUSAL_PATTERNS.search(text))
+def not_found(part: str) -> str:
+    """What the answer says for a part of the question the documents do not answer."""
+    return f"文档中没有找到“{part.strip().rstrip('?？。')}”的相关信息。"
 
 
 class Answerer:
@@ -96,14 +106,16 @@ class Answerer:
     Args:
         settings: configuration (KB, backend, token budget...).
         searcher: an open ``Searcher`` to share (built from settings when omitted).
-        models: a shared ``{backend: chat model}`` cache (one LLM in memory for many KBs).
+        chat_models: ``(settings, backend) -> chat model`` — the process-wide cache of
+            ``rag.service`` (one LLM in memory for every KB); without it each Answerer loads its own.
     """
 
-    def __init__(self, settings: Settings, searcher: Searcher | None = None, models: dict | None = None):
+    def __init__(self, settings: Settings, searcher: Searcher | None = None,
+                 chat_models: Callable[[Settings, str], object] | None = None):
         self.settings = settings
         self.searcher = searcher or Searcher(settings)
-        # Chat models by backend; pass one dict to several Answerers so they share one loaded LLM.
-        self._models: dict[str, object] = models if models is not None else {}
+        self._chat_models = chat_models
+        self._own_models: dict[str, object] = {}
         system, answer = load_prompt("system"), load_prompt("answer")
         self.answer_prompt = ChatPromptTemplate.from_messages([("system", system), ("human", answer)])
         self._instruction_tokens = count_tokens(system + answer)  # read once, not per question
@@ -111,6 +123,26 @@ class Answerer:
         self.rewrite_prompt = ChatPromptTemplate.from_messages([("human", load_prompt("rewrite"))])
         self.judge_prompt = load_prompt("judge").strip()
         self._doc_places: dict[str, str | None] = {}  # doc id → the place it is about (rag.align)
+        # The LLM, with the extractive answer as its fallback (the model's exception in "error").
+        self.generator = RunnableGenerator(self._llm_tokens, name="llm").with_fallbacks(
+            [RunnableLambda(self._extractive_fallback, name="extractive")], exception_key="error")
+        self.chain = (_step("rewrite", self._rewrite_step) | _step("retrieve", self._retrieve_step)
+                      | _step("pack", self._pack_step) | _step("generate", self._generate_step)
+                      | _step("verify", self._verify_step) | _step("finalise", self._finalise_step)
+                      ).with_config(run_name="answer")
+
+    # ------------------------------------------------------------ pieces
+    def chat_model(self, backend: str):
+        """The LangChain chat model of a backend (from the shared cache, loaded once)."""
+        if self._chat_models is not None:
+            return self._chat_models(self.settings, backend)
+        if backend not in self._own_models:
+            from rag.llm import check_openai_endpoint, make_chat_model
+
+            if backend == "openai":
+                check_openai_endpoint(self.settings)
+            self._own_models[backend] = make_chat_model(self.settings, backend)
+        return self._own_models[backend]
 
     def place_of(self, hit: Hit) -> str | None:
         """The place a passage's document is about (``rag.places.dominant_place``), cached per document."""
@@ -121,17 +153,6 @@ class Answerer:
                 self._doc_places.clear()
             self._doc_places[doc_id] = dominant_place(doc[1]) if doc else None
         return self._doc_places[doc_id]
-
-    # ------------------------------------------------------------ pieces
-    def chat_model(self, backend: str):
-        """The LangChain chat model of a backend (loaded once and reused)."""
-        if backend not in self._models:
-            from rag.llm import check_openai_endpoint, make_chat_model
-
-            if backend == "openai":
-                check_openai_endpoint(self.settings)
-            self._models[backend] = make_chat_model(self.settings, backend)
-        return self._models[backend]
 
     def judge(self, backend: str, messages, answer: str) -> float | None:
         """The model's probability that ``answer`` is backed by the passages (``rag.judge``);
@@ -148,27 +169,10 @@ class Answerer:
         previous question about the new one (``rag.followup.resolve_followup``), for every
         backend and without an LLM call; anything else goes to the LLM's rewrite prompt.
         """
-        turns = [m for m in history if m.get("role") in ("user", "assistant") and m.get("content")]
-        if not turns:
-            return question
-        previous = ""
-        for m in turns:  # the previous user question made standalone by the same rule
-            if m["role"] == "user":
-                previous = resolve_followup(str(m["content"]), previous) if previous else str(m["content"])
-                previous = previous or str(m["content"])
-        substituted = resolve_followup(question, previous) if previous else None
-        if substituted:
-            return substituted
-        if backend == "extractive":
-            if not is_elliptical(question):
-                return question  # a question that stands on its own is not mixed with the last one
-            # No LLM: carry the previous question's words so the retriever keeps the topic.
-            # The follow-up's places, years and organisations replace the previous question's.
-            kinds = {c.kind for c in question_frame(question).constraints}
-            for c in question_frame(previous).constraints:
-                if c.kind in kinds:
-                    previous = previous.replace(c.text, "")
-            return f"{previous} {question}".strip()
+        ruled = rule_rewrite(question, history, use_llm=backend != "extractive")
+        if ruled is not None:
+            return ruled
+        turns = user_turns(history)
         transcript = "\n".join(
             f"{'用户' if m['role'] == 'user' else '助手'}：{str(m['content'])[:300]}" for m in turns[-6:]
         )
@@ -177,24 +181,46 @@ class Answerer:
         rewritten = rewritten[0].strip() if rewritten else ""
         return rewritten.strip("“”\"' ") or question
 
-    def pack(self, hits: list[Hit], query: str = "") -> tuple[list[Hit], str]:
-        """Number the passages that fit the token budget, each focused on the sentences that
-        bear on ``query`` (``rag.focus``); never cut a sentence in the middle."""
+    def _budget(self) -> int:
         s = self.settings
-        budget = min(s.llm_passage_tokens, s.llm_context - s.llm_max_tokens
-                     - self._instruction_tokens - 64)
+        return min(s.llm_passage_tokens, s.llm_context - s.llm_max_tokens - self._instruction_tokens - 64)
+
+    def _passage_text(self, number: int, hit: Hit, query: str) -> str:
+        s, c = self.settings, hit.chunk
+        body = focus(c.text, query, s.llm_focus_tokens) if query and s.llm_focus_tokens else c.text
+        return self.passage_prompt.format(number=number, title=c.title or c.doc_id,
+                                          section=f"（{c.section}）" if c.section else "", text=body)
+
+    def pack(self, hits: list[Hit], query: str = "", limit: int | None = None,
+             numbered: list[Hit] | None = None) -> tuple[list[Hit], str]:
+        """Number the passages that fit the token budget, each focused on the sentences that
+        bear on ``query`` (``rag.focus``); never cut a sentence in the middle.
+
+        Args:
+            hits: candidates, best first.
+            query: what the passages are focused on.
+            limit: passages at most (``llm_passages`` by default).
+            numbered: passages already numbered for other parts of the question (``[n]`` =
+                ``numbered[n-1]``): a hit among them keeps its number, a new one is appended.
+
+        Returns:
+            The chosen hits and the prompt text of the numbered passages.
+        """
+        numbered = numbered if numbered is not None else []
+        limit = limit or self.settings.llm_passages
+        budget = self._budget()
         chosen, parts, used = [], [], 0
         for hit in hits:
-            if len(chosen) >= s.llm_passages:
+            if len(chosen) >= limit:
                 break
-            c = hit.chunk
-            body = focus(c.text, query, s.llm_focus_tokens) if query and s.llm_focus_tokens else c.text
-            text = self.passage_prompt.format(
-                number=len(chosen) + 1, title=c.title or c.doc_id, section=f"（{c.section}）" if c.section else "",
-                text=body)
+            known = next((i for i, h in enumerate(numbered) if h.chunk.id == hit.chunk.id), None)
+            number = known + 1 if known is not None else len(numbered) + 1
+            text = self._passage_text(number, hit, query)
             cost = count_tokens(text)
             if used + cost > budget:
                 continue  # a later, shorter passage may still fit
+            if known is None:
+                numbered.append(hit)
             chosen.append(hit)
             parts.append(text)
             used += cost
@@ -219,164 +245,216 @@ class Answerer:
                                       span[0] if span else None, span[1] if span else None))
         return citations
 
-    def extractive_answer(self, query: str, hits: list[Hit]) -> str:
-        """Best supporting sentences from the top passages, with their [n]."""
-        q = question_grams(query)
-        cues = [cue for asked, cue in _ANSWER_CUES if asked.search(query)]
-        wants_number = bool(_QUANTITY_QUESTION.search(query))
-        frame = question_frame(query)
-        scored = []
-        for n, hit in enumerate(hits[:3], 1):
-            context, place = passage_context(hit), self.place_of(hit)
-            for sentence in split_sentences(hit.chunk.text):
-                grams = bigrams(sentence)
-                # A title line or a question is not an answer, nor a sentence about another
-                # place, year or subject than the one asked (the verifier's alignment rule).
-                if grams and not is_heading_line(sentence) and not is_question(sentence) \
-                        and align(sentence, hit.chunk.text, frame, context, place).aligned:
-                    coverage = len(q & grams) / max(1, len(q))
-                    # A coverage tie is broken by the kind of answer asked for, then by passage rank.
-                    bonus = 0.05 * (wants_number and bool(re.search(r"\d", sentence))) \
-                        + 0.1 * any(cue.search(sentence) for cue in cues)
-                    scored.append((coverage + bonus if coverage else 0.0, -n, sentence.strip(), n))
-        scored.sort(reverse=True)
-        if not scored or scored[0][0] < 0.2:
-            return REFUSAL
-        best = [s for s in scored[:2] if s[0] >= 0.6 * scored[0][0]]
-        return "".join(re.sub(r"([。！？!?；;]?)$", rf"[{n}]\1", text, count=1) for _, _, text, n in best)
+    def extractive_answer(self, query: str, hits: list[Hit], numbers: list[int] | None = None) -> str:
+        """Best supporting sentences from the top passages, with their [n] (``rag.extractive``)."""
+        return extractive_answer(query, hits, self.place_of, numbers)
 
-    # ------------------------------------------------------------ the whole thing
+    # ------------------------------------------------------------ the LLM and its fallback
+    def _llm_tokens(self, inputs: Iterator[dict]) -> Iterator[str]:
+        for item in inputs:
+            turn: Turn = item["turn"]
+            model = self.chat_model(turn.backend)
+            if turn.max_tokens:
+                model = model.bind(max_tokens=turn.max_tokens)
+            turn.messages = self.answer_prompt.format_messages(context=item["context"], question=item["question"])
+            for chunk in model.stream(turn.messages):
+                piece = chunk.content if isinstance(chunk.content, str) else ""
+                if piece:
+                    yield piece
+
+    def _extractive_fallback(self, item: dict) -> str:
+        turn: Turn = item["turn"]
+        if item.get("error") is not None:
+            turn.notice = LLM_UNAVAILABLE.format(item["error"])
+            turn.backend, turn.messages = "extractive", None
+        return self.extractive_answer(item["question"], item["hits"], item["numbers"])
+
+    # ------------------------------------------------------------ the chain's steps
+    def _rewrite_step(self, turn: Turn) -> Iterator:
+        try:
+            turn.query = self.rewrite(turn.question, turn.history, turn.backend)
+        except Exception as exc:  # the LLM is down: keep answering without it
+            turn.notice = LLM_UNAVAILABLE.format(exc)
+            turn.backend, turn.query = "extractive", self.rewrite(turn.question, turn.history, "extractive")
+        turn.timings["rewrite"] = turn.elapsed_ms()
+        yield Rewritten(turn.query)
+        yield turn
+
+    def _retrieve_step(self, turn: Turn) -> Iterator:
+        t = time.perf_counter()
+        retrieval = self.searcher.search_parts(turn.query, turn.k)
+        turn.hits = retrieval.hits
+        turn.parts = list(retrieval.parts) if len(retrieval.parts) > 1 else []
+        turn.timings["retrieve"] = (time.perf_counter() - t) * 1000
+        yield turn
+
+    def _pack_step(self, turn: Turn) -> Iterator:
+        numbered: list[Hit] = []
+        if not turn.parts:
+            _, context = self.pack(turn.hits, turn.query, numbered=numbered)
+            turn.part_hits, turn.part_contexts = [list(range(len(numbered)))], [context]
+        else:
+            # Each part gets its own passages (the ones retrieved for it) and, later, its own answer.
+            per_part = max(1, self.settings.llm_passages - 1)
+            for i, part in enumerate(turn.parts):
+                serving = [h for h in turn.hits if i in h.parts] or turn.hits
+                chosen, context = self.pack(serving, part, limit=per_part, numbered=numbered)
+                ids = [h.chunk.id for h in numbered]
+                turn.part_hits.append([ids.index(h.chunk.id) for h in chosen])
+                turn.part_contexts.append(context)
+        turn.hits = numbered
+        turn.passages = [dict(h.to_dict(), number=i) for i, h in enumerate(turn.hits, 1)]
+        yield Retrieved(turn.passages, turn.parts)
+        yield turn
+
+    def _generate_step(self, turn: Turn) -> Iterator:
+        for i, question in enumerate(turn.questions):
+            if turn.cancelled.is_set():
+                break
+            hits = [turn.hits[j] for j in turn.part_hits[i]]
+            if i:  # the parts' answers are read as one text: one line each
+                turn.text += "\n"
+                yield Token("\n")
+            text = yield from self._generate_part(turn, question, hits, [j + 1 for j in turn.part_hits[i]],
+                                                  turn.part_contexts[i])
+            turn.part_texts.append(text)
+        yield Drafted(turn.text, turn.backend)
+        yield turn
+
+    def _generate_part(self, turn: Turn, question: str, hits: list[Hit], numbers: list[int], context: str):
+        """Answer one question (or one part) from its numbered passages; yields tokens, returns the text."""
+        text = ""
+        relevant = bool(hits) and max((h.dense_score or 0.0) for h in hits) >= MIN_DENSE_SCORE
+        if not relevant:
+            text = REFUSAL
+        elif turn.backend == "extractive":
+            text = self.extractive_answer(question, hits, numbers)
+            turn.timings.setdefault("first_token", turn.elapsed_ms())
+            yield Token(text)
+        else:
+            pieces = self.generator.stream({"turn": turn, "question": question, "context": context,
+                                            "hits": hits, "numbers": numbers})
+            try:
+                for piece in pieces:
+                    if turn.cancelled.is_set():
+                        break
+                    turn.timings.setdefault("first_token", turn.elapsed_ms())
+                    text += piece
+                    turn.text += piece
+                    yield Token(piece)
+                return text
+            except Exception as exc:  # failed mid-answer (after its first token): no fallback can run
+                turn.notice = LLM_FAILED.format(exc)
+                turn.backend, turn.messages = "extractive", None
+                turn.text = turn.text[:len(turn.text) - len(text)]
+                text = self.extractive_answer(question, hits, numbers)
+                yield Token(text)
+            finally:
+                pieces.close()  # a closed chain (client gone) stops the LLM and frees its lock
+        turn.text += text
+        return text
+
+    def _verify_step(self, turn: Turn) -> Iterator:
+        hits = turn.hits
+        result = AnswerResult(turn.question, turn.query, REFUSAL, backend=turn.backend, notice=turn.notice,
+                              passages=turn.passages, refused=True, raw_answer=turn.text, parts=turn.parts)
+        passages = [h.chunk.text for h in hits]
+        contexts, places = [passage_context(h) for h in hits], [self.place_of(h) for h in hits]
+        answers, sentences, used = [], [], []
+        for question, text in zip(turn.questions, turn.part_texts):
+            if is_refusal(text) or not text.strip():
+                answers.append(None)
+                continue
+            check = verify(text, passages, question=question, contexts=contexts, places=places)
+            sentences += check.sentences
+            if not check.used_numbers:  # not one sentence is supported: an invented answer is worse than none
+                answers.append(None)
+                result.notice = result.notice or f"回答没有资料支持，已拒答 / unsupported answer withheld: {text.strip()[:200]}"
+                continue
+            answers.append(check.answer)
+            used += [n for n in check.used_numbers if n not in used]
+            result.unsupported_sentences += check.unsupported
+        result.sentences = [asdict(s) for s in sentences]
+        if any(answers):
+            # A part the documents do not answer is said plainly; the answered parts stay.
+            if turn.parts:
+                labels = part_labels(turn.parts)
+                result.answer = "\n".join((f"{label}：{a}" if label else a) if a else not_found(q)
+                                          for q, a, label in zip(turn.parts, answers, labels))
+            else:
+                result.answer = answers[0]
+            result.refused = False
+            result.citations = self.citations_for(sorted(used), sentences, hits)
+            self._judge(turn, result)
+        turn.result = result
+        yield turn
+
+    def _judge(self, turn: Turn, result: AnswerResult) -> None:
+        """Optional: withhold an answer the model itself judges unsupported (off by default)."""
+        threshold = self.settings.llm_judge_threshold
+        if turn.backend == "extractive" or turn.messages is None or threshold <= 0:
+            return
+        result.judge = self.judge(turn.backend, turn.messages, turn.text)
+        if result.judge is not None and result.judge < threshold:
+            result.notice = result.notice or (
+                f"模型判断资料不支持该回答（{result.judge:.2f} < {threshold}），已拒答 / the model "
+                f"judged its answer unsupported, withheld: {turn.text.strip()[:200]}")
+            result.answer, result.refused, result.citations = REFUSAL, True, []
+
+    def _finalise_step(self, turn: Turn) -> Iterator:
+        turn.timings["total"] = turn.elapsed_ms()
+        turn.result.timings = turn.timings
+        yield Answered(turn.result)
+
+    # ------------------------------------------------------------ running the chain
+    def _start(self, question: str, history: list[dict] | None, backend: str | None, k: int | None,
+               max_tokens: int | None = None) -> Turn:
+        return Turn(question, list(history or []), backend or self.settings.llm_backend, k or self.settings.top_k,
+                    max_tokens if max_tokens and max_tokens < self.settings.llm_max_tokens else None)
+
     def stream(self, question: str, history: list[dict] | None = None, backend: str | None = None,
-               k: int | None = None) -> Iterator[dict]:
-        """Answer, yielding events: ``{"type": "query"|"passages"|"token"|"final", ...}``.
+               k: int | None = None, max_tokens: int | None = None) -> Iterator[AnswerEvent]:
+        """Run the chain, yielding its events (``Answered`` last).
 
         Args:
             question: the user's question.
             history: earlier turns as ``[{"role": "user"|"assistant", "content": str}]``.
             backend: ``local``, ``openai`` or ``extractive`` (settings default when None).
             k: passages to retrieve.
+            max_tokens: cap on the model's answer (below ``llm_max_tokens``; None: the setting).
         """
-        started = time.perf_counter()
-        backend = backend or self.settings.llm_backend
-        timings: dict[str, float] = {}
-        notice = None
+        turn = self._start(question, history, backend, k, max_tokens)
+        events = self.chain.stream(turn)
         try:
-            query = self.rewrite(question, history or [], backend)
-        except Exception as exc:  # the LLM is down: keep answering without it
-            notice = f"大模型不可用，已改用抽取式回答 / LLM unavailable, extractive answer ({exc})"
-            backend, query = "extractive", self.rewrite(question, history or [], "extractive")
-        timings["rewrite"] = (time.perf_counter() - started) * 1000
-        yield {"type": "query", "query": query}
-        t = time.perf_counter()
-        hits = self.searcher.search(query, k or self.settings.top_k)
-        timings["retrieve"] = (time.perf_counter() - t) * 1000
-        hits, context = self.pack(hits, query)
-        passages = [dict(h.to_dict(), number=i) for i, h in enumerate(hits, 1)]
-        yield {"type": "passages", "passages": passages}
-
-        relevant = bool(hits) and max((h.dense_score or 0.0) for h in hits) >= MIN_DENSE_SCORE
-        text = ""
-        messages = None
-        if not relevant:
-            text = REFUSAL
-        elif backend == "extractive":
-            text = self.extractive_answer(query, hits)
-            timings["first_token"] = (time.perf_counter() - started) * 1000
-            yield {"type": "token", "text": text}
-        else:
-            try:
-                model = self.chat_model(backend)
-                messages = self.answer_prompt.format_messages(context=context, question=query)
-                for chunk in model.stream(messages):
-                    piece = chunk.content if isinstance(chunk.content, str) else ""
-                    if piece:
-                        timings.setdefault("first_token", (time.perf_counter() - started) * 1000)
-                        text += piece
-                        yield {"type": "token", "text": piece}
-            except Exception as exc:
-                notice = f"大模型出错，已改用抽取式回答 / LLM failed, extractive answer ({exc})"
-                backend, text = "extractive", self.extractive_answer(query, hits)
-                yield {"type": "token", "text": text}
-        refused = is_refusal(text) or not text.strip()
-        result = AnswerResult(question, query, REFUSAL if refused else text, backend=backend, notice=notice,
-                              passages=passages, refused=refused)
-        if not refused:
-            check = verify(text, [h.chunk.text for h in hits], question=query,
-                           contexts=[passage_context(h) for h in hits], places=[self.place_of(h) for h in hits])
-            if not check.used_numbers:
-                # Not one sentence is supported by the passages: an invented answer is worse than none.
-                result.answer, result.refused = REFUSAL, True
-                result.sentences = [asdict(s) for s in check.sentences]
-                result.notice = result.notice or f"回答没有资料支持，已拒答 / unsupported answer withheld: {text.strip()[:200]}"
-            else:
-                result.answer = check.answer
-                result.sentences = [asdict(s) for s in check.sentences]
-                result.unsupported_sentences = check.unsupported
-                result.citations = self.citations_for(check.used_numbers, check.sentences, hits)
-                if backend != "extractive" and messages is not None and self.settings.llm_judge_threshold > 0:
-                    result.judge = self.judge(backend, messages, text)
-                    threshold = self.settings.llm_judge_threshold
-                    if result.judge is not None and result.judge < threshold:
-                        result.notice = result.notice or (
-                            f"模型判断资料不支持该回答（{result.judge:.2f} < {threshold}），已拒答 / the model "
-                            f"judged its answer unsupported, withheld: {text.strip()[:200]}")
-                        result.answer, result.refused, result.citations = REFUSAL, True, []
-        timings["total"] = (time.perf_counter() - started) * 1000
-        result.timings = timings
-        yield {"type": "final", "result": result}
+            for event in events:  # not ``yield from``: that would close the chain before the flag is set
+                yield event
+        finally:
+            turn.cancelled.set()
+            events.close()
 
     def ask(self, question: str, history: list[dict] | None = None, backend: str | None = None,
-            k: int | None = None) -> AnswerResult:
+            k: int | None = None, max_tokens: int | None = None) -> AnswerResult:
         """Answer without streaming."""
-        for event in self.stream(question, history, backend, k):
-            if event["type"] == "final":
-                return event["result"]
-        raise RuntimeError("answer stream ended without a result")
+        final = self.chain.invoke(self._start(question, history, backend, k, max_tokens))
+        if not isinstance(final, Answered):
+            raise RuntimeError("answer chain ended without a result")
+        return final.result
 
-    def as_runnable(self) -> RunnableLambda:
-        """The whole chain as one LCEL runnable: ``{"question", "history"?, "backend"?}`` → ``AnswerResult``."""
-        return RunnableLambda(lambda x: self.ask(x["question"], x.get("history"), x.get("backend"), x.get("k")))
-
-
-def history_messages(history: list[dict]):
-    """OpenAI-style history → LangChain messages (for callers that need them)."""
-    kinds = {"user": HumanMessage, "assistant": AIMessage, "system": SystemMessage}
-    return [kinds[m["role"]](content=m["content"]) for m in history if m.get("role") in kinds]
+    def as_runnable(self) -> Runnable:
+        """The chain taking a plain dict: ``{"question", "history"?, "backend"?, "k"?, "max_tokens"?}``."""
+        return RunnableLambda(lambda x: self._start(x["question"], x.get("history"), x.get("backend"), x.get("k"),
+                                                    x.get("max_tokens")), name="start") | self.chain
 
 
-def make_answer_fn(settings: Settings, backend: str | None = None, searcher: Searcher | None = None):
-    """``(question, history=None) -> dict`` for ``rag eval``: the answer, refusal flag, citations
-    with their passage text (so the evaluator can check them against gold answers), the model's
-    raw text before verification, the per-sentence checks, the passages with their title and
-    section (so a verifier change can be re-scored from the log), and timings."""
-    answerer = Answerer(settings, searcher)
+def make_answer_fn(answerer: Answerer, backend: str | None = None, k: int | None = None):
+    """``(question, history=None) -> dict`` for ``rag eval`` (CLI and UI alike): the chain's
+    result as ``eval_record``.
 
+    Args:
+        answerer: the chain to run (the UI passes its shared one: one LLM in memory).
+        backend: the answer backend (the answerer's settings when None).
+        k: passages retrieved per question (``top_k`` when None).
+    """
     def answer(question: str, history: list[dict] | None = None) -> dict:
-        raw = {"text": ""}
-        result = None
-        for event in answerer.stream(question, history, backend=backend):
-            if event["type"] == "token":
-                raw["text"] += event["text"]
-            elif event["type"] == "final":
-                result = event["result"]
-        passages = {p["number"]: p["text"] for p in result.passages}
-        return {
-            "answer": result.answer,
-            "raw_answer": raw["text"],
-            "refused": result.refused,
-            "backend": result.backend,
-            "notice": result.notice,
-            "query": result.query,
-            "citations": [{"number": c.number, "doc_id": c.doc_id, "quote": c.quote,
-                           "passage": passages.get(c.number, "")} for c in result.citations],
-            "sentences": len(result.sentences),
-            "checks": [{k: s[k] for k in ("text", "cited", "supported", "reason")} for s in result.sentences],
-            "passages": [{"number": p["number"], "doc_id": p["doc_id"], "text": p["text"],
-                          "context": f"{p.get('title') or ''} {p.get('section') or ''}".strip(),
-                          "dense_score": p.get("dense_score")} for p in result.passages],
-            "judge": result.judge,
-            "unsupported_sentences": result.unsupported_sentences,
-            "timings": result.timings,
-        }
-
+        return eval_record(answerer.ask(question, history, backend=backend, k=k))
     return answer

@@ -16,7 +16,17 @@ from dataclasses import asdict, dataclass, field
 
 from rag.align import align
 from rag.frame import question_frame
-from rag.zh import MARKER, NUMBER, bigrams, normalise, sentence_spans, split_sentences  # noqa: F401 (re-exported)
+from rag.zh import (  # noqa: F401 (re-exported)
+    MARKER,
+    NUMBER,
+    bigrams,
+    has_number,
+    marker_numbers,
+    normalise,
+    sentence_spans,
+    split_sentences,
+    split_trailing,
+)
 
 SUPPORT_THRESHOLD = 0.5  # bigram recall needed to call a sentence supported (see README)
 
@@ -31,7 +41,7 @@ def support_score(sentence: str, passage: str, question: str = "") -> float:
     clean = MARKER.sub("", sentence)
     numbers = NUMBER.findall(unicodedata.normalize("NFKC", clean))
     passage_norm = unicodedata.normalize("NFKC", passage)
-    if any(not re.search(rf"(?<![\d.]){re.escape(n)}(?!\d)", passage_norm) for n in numbers):
+    if any(not has_number(passage_norm, n) for n in numbers):
         return 0.0
     grams = bigrams(clean)
     novel = grams - bigrams(question)
@@ -141,7 +151,7 @@ def verify(answer: str, passages: list[str], threshold: float = SUPPORT_THRESHOL
     checks: list[SentenceCheck] = []
     rebuilt: list[str] = []
     for unit in answer_units(answer):
-        claimed = sorted({int(n) for m in MARKER.finditer(unit) for n in re.split(r"[,，、\s]+", m.group(1)) if n})
+        claimed = sorted({n for m in MARKER.finditer(unit) for n in marker_numbers(m)})
         body = MARKER.sub("", unit).rstrip()
         scores = [support_score(body, p, question) for p in passages]
         reasons = [""] * len(passages)
@@ -164,9 +174,9 @@ def verify(answer: str, passages: list[str], threshold: float = SUPPORT_THRESHOL
                                 next((r for r in reasons if r), ""))
         check.supported = bool(check.cited)
         checks.append(check)
-        head = body.rstrip("。！？!?；;，,")  # markers go before the closing punctuation
+        head, tail = split_trailing(body)  # markers go before the closing punctuation
         markers = "".join(f"[{n}]" for n in check.cited)
-        rebuilt.append(f"{head}{markers}{body[len(head):]}")
+        rebuilt.append(f"{head}{markers}{tail}")
     used: list[int] = []
     for check in checks:
         for n in check.cited:

@@ -18,8 +18,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-_CJK = r"\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
-_SENTENCE_END = "。！？!?；;…”」』）)》】.．"
+from rag.zh import CJK as _CJK
+from rag.zh import CLOSING, ELLIPSIS, SENTENCE_END
+
+# A line ending with one of these ends its sentence (a title in 《》 or 【】, a full stop).
+_SENTENCE_END = SENTENCE_END + ELLIPSIS + CLOSING + "》】.．"
 _MID_PUNCT = "，,、：:（(“「『《【—-"
 _PROSE_PUNCT = re.compile(r"[，,、；;。！？]")
 _CONTINUES = re.compile(rf"^[{_CJK}0-9A-Za-z“”\"'‘’「」《》（(%％]")

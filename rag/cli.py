@@ -72,10 +72,16 @@ def cmd_search(args) -> int:
     settings = _settings(args)
     check_question(args.query, settings)  # too long: one clear line, exit 2 (before any model loads)
     searcher = Searcher(settings)
-    hits = searcher.search(args.query, args.k, args.mode)
+    # A compound question is searched part by part (rag.decompose); --json shows the parts:
+    # {"query", "parts", "method", "hits": [... each with "parts": indices into "parts"]}.
+    result = searcher.search_parts(args.query, args.k, args.mode)
+    hits = result.hits
     if args.json:
-        print(json.dumps([h.to_dict() for h in hits], ensure_ascii=False, indent=2))
+        print(json.dumps(result.to_dict(), ensure_ascii=False, indent=2))
         return 0
+    if result.compound:
+        print("分解为 parts: " + " | ".join(f"({n}) {p}" for n, p in enumerate(result.parts, 1)))
+        print()
     if not hits:
         print("没有找到相关内容 / no results")
     for i, h in enumerate(hits, 1):
@@ -83,7 +89,8 @@ def cmd_search(args) -> int:
         where = " · ".join(x for x in (c.title, c.section, f"第{c.page}页" if c.page else "") if x)
         dense = f"dense #{h.dense_rank} {h.dense_score:.3f}" if h.dense_rank else "dense –"
         bm25 = f"bm25 #{h.bm25_rank} {h.bm25_score:.2f}" if h.bm25_rank else "bm25 –"
-        print(f"[{i}] {h.score:.4f} ({dense}, {bm25})  {c.doc_id}  [{c.start}:{c.end}]")
+        serves = f"  part {','.join(str(n + 1) for n in h.parts) or '–'}" if result.compound else ""
+        print(f"[{i}] {h.score:.4f} ({dense}, {bm25})  {c.doc_id}  [{c.start}:{c.end}]{serves}")
         if where:
             print(f"    {where}")
         print("    " + c.text.replace("\n", "\n    "))

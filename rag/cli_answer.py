@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import sys
 
+from rag.answer_types import Answered, Token
+
 
 def question_error(question: str, settings) -> str | None:
     """Why ``question`` is refused (longer than ``settings.max_question_chars``), or None."""
@@ -56,11 +58,11 @@ def _run(answerer, question: str, history, backend: str, as_json: bool):
     result = None
     streamed = ""
     for event in answerer.stream(question, history, backend):
-        if event["type"] == "token" and not as_json:
-            print(event["text"], end="", flush=True)
-            streamed += event["text"]
-        elif event["type"] == "final":
-            result = event["result"]
+        if isinstance(event, Token) and not as_json:
+            print(event.text, end="", flush=True)
+            streamed += event.text
+        elif isinstance(event, Answered):
+            result = event.result
     if as_json:
         print(json.dumps(result.to_dict(), ensure_ascii=False, indent=2))
         return result

@@ -7,18 +7,19 @@ import sys
 def cmd_api(args) -> int:
     import uvicorn
 
-    from rag.api import MODEL_PREFIX, Library, check_bind, create_app
+    from rag.api import MODEL_PREFIX, create_app
     from rag.cli import _settings
-    from rag.store import KnowledgeBaseError
+    from rag.netguard import check_bind
+    from rag.service import RagService
 
     settings = _settings(args)
     if args.llm:
         settings.llm_backend = args.llm
     check_bind(args.host, settings.api_key)  # ValueError: printed by rag.cli as one line, exit 2
-    names = Library(settings).names()
-    if getattr(args, "kb", None) and args.kb not in names:
-        raise KnowledgeBaseError(f"知识库不存在：{settings.kb_dir}（先运行 rag ingest）/ "
-                                 f"knowledge base not found: {settings.kb_dir} (run rag ingest first)")
+    service = RagService(settings)
+    if getattr(args, "kb", None):
+        service.require(args.kb)  # KnowledgeBaseError: printed by rag.cli as one line
+    names = service.names()
     if not names:
         print(f"注意：{settings.home} 下还没有知识库，先运行 rag ingest / no knowledge bases under "
               f"{settings.home} yet: run rag ingest", file=sys.stderr)

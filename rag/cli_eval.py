@@ -14,16 +14,16 @@ import re
 import sys
 from pathlib import Path
 
-from rag.config import PROJECT_ROOT
+from rag.config import IN_CHECKOUT, PROJECT_ROOT
 
 
 def _answer_fn(args, settings, searcher):
     """The answer step (``rag.answer.make_answer_fn``), or None for retrieval only."""
     if args.retrieval_only:
         return None
-    from rag.answer import make_answer_fn
+    from rag.answer import Answerer, make_answer_fn
 
-    return make_answer_fn(settings, args.llm or settings.llm_backend, searcher=searcher)
+    return make_answer_fn(Answerer(settings, searcher), args.llm or settings.llm_backend)
 
 
 def _default_out(args, settings) -> Path:
@@ -31,7 +31,7 @@ def _default_out(args, settings) -> Path:
     name = Path(args.questions).parent.name if stem in ("questions", "dev", "test") else stem
     name = f"{name}-{stem}" if stem in ("dev", "test") else name
     safe = re.sub(r"[^0-9A-Za-z_.-]+", "_", f"{name}-{settings.kb}-{args.mode}-k{args.k}")
-    return PROJECT_ROOT / "eval" / "runs" / safe
+    return (PROJECT_ROOT if IN_CHECKOUT else Path.cwd()) / "eval" / "runs" / safe
 
 
 def cmd_eval(args) -> int:

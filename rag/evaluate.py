@@ -97,8 +97,8 @@ def ensure_corpus_kb(corpus: Path, settings: Settings, embedder=None, name: str 
     if previous and previous.get("pipeline") != fingerprint and (kb_settings.kb_dir / "kb.sqlite").exists():
         log(f"切分/分词代码已变，重新切分 / chunking code changed: re-splitting {kb_name} (cached vectors reused)")
         kb = KnowledgeBase(kb_settings.kb_dir)
-        try:  # mark every document stale so the ingestor re-splits it; vectors stay cached
-            kb.db.execute("UPDATE documents SET content_hash = 'stale'")
+        try:  # so the ingestor re-splits every document; vectors stay cached
+            kb.mark_documents_stale()
         finally:
             kb.close()
     log(f"建立评测知识库 / building evaluation KB {kb_name} from {corpus}")
@@ -131,7 +131,7 @@ def _hit_record(hit, units: frozenset[str]) -> dict:
     c = hit.chunk
     return {
         "doc_id": c.doc_id, "start": c.start, "end": c.end, "score": round(hit.score, 6),
-        "dense_rank": hit.dense_rank, "bm25_rank": hit.bm25_rank,
+        "dense_rank": hit.dense_rank, "bm25_rank": hit.bm25_rank, "parts": list(getattr(hit, "parts", [])),
         "gold": sorted(units), "snippet": c.text[:80].replace("\n", " "),
     }
 
@@ -139,13 +139,15 @@ def _hit_record(hit, units: frozenset[str]) -> dict:
 def evaluate_question(q: Question, searcher, judge: Judge, mode: str, depth: int) -> dict:
     """Retrieve for one question and score it; returns its log record."""
     started = time.perf_counter()
-    hits = searcher.search(q.search_query, depth, mode)
+    # the same retrieval as search(); a compound question's parts go to the log (rag.decompose)
+    retrieval = searcher.search_parts(q.search_query, depth, mode)
+    hits = retrieval.hits
     latency = (time.perf_counter() - started) * 1000
     units = [judge.units(q, h.chunk.doc_id, h.chunk.start, h.chunk.end) for h in hits]
     record = {
         "id": q.id, "question": q.question, "type": q.type or ("negative" if q.negative else ""),
         "negative": q.negative, "gold": q.gold_summary(),
-        "retrieved": [_hit_record(h, u) for h, u in zip(hits, units)],
+        "parts": retrieval.parts, "retrieved": [_hit_record(h, u) for h, u in zip(hits, units)],
         "latency_ms": {"retrieve": round(latency, 3)},
     }
     if not q.negative:
@@ -166,7 +168,9 @@ def _answer_record(q: Question, answer_fn: Callable[..., dict]) -> dict:
     if "error" in result:
         result["refused"] = None
     else:
-        result["refused"] = bool(result.get("refused")) or M.is_refusal(text)
+        # The chain's own flag when it gives one: a two-part answer may say one part is not
+        # in the documents (文档中没有找到…) and still answer the other.
+        result["refused"] = bool(result["refused"]) if "refused" in result else M.is_refusal(text)
     if not q.negative and q.parts and "error" not in result:
         result["correct"] = M.answer_correct(text, q.parts)
         # A citation is precise when its passage holds the evidence: an accepted answer form,

@@ -9,7 +9,6 @@ into, the whole chunk.
 """
 from __future__ import annotations
 
-
 from rag.tokens import count_tokens
 from rag.zh import CLAUSE as _CLAUSE
 from rag.zh import QUESTION_WORDS, bigrams, is_question, sentence_spans

@@ -98,3 +98,41 @@ def is_elliptical(question: str) -> bool:
         return True
     frame = question_frame(text)
     return len(normalise(text)) < 6 or (not frame.constraints and len(frame.subject) < 2)
+
+
+def user_turns(history: list[dict]) -> list[dict]:
+    """The user/assistant messages of a history that have content (system messages are ours)."""
+    return [m for m in history if m.get("role") in ("user", "assistant") and m.get("content")]
+
+
+def rule_rewrite(question: str, history: list[dict], use_llm: bool) -> str | None:
+    """The standalone question by rule, or None when only an LLM can rewrite it.
+
+    Args:
+        question: the follow-up.
+        history: earlier turns as ``[{"role", "content"}]``.
+        use_llm: whether an LLM is there to rewrite what the rules cannot (the extractive
+            backend has none: it then carries the previous question's words instead).
+    """
+    turns = user_turns(history)
+    if not turns:
+        return question
+    previous = ""
+    for m in turns:  # the previous user question made standalone by the same rule
+        if m["role"] == "user":
+            previous = resolve_followup(str(m["content"]), previous) if previous else str(m["content"])
+            previous = previous or str(m["content"])
+    substituted = resolve_followup(question, previous) if previous else None
+    if substituted:
+        return substituted
+    if use_llm:
+        return None
+    if not is_elliptical(question):
+        return question  # a question that stands on its own is not mixed with the last one
+    # No LLM: carry the previous question's words so the retriever keeps the topic.
+    # The follow-up's places, years and organisations replace the previous question's.
+    kinds = {c.kind for c in question_frame(question).constraints}
+    for c in question_frame(previous).constraints:
+        if c.kind in kinds:
+            previous = previous.replace(c.text, "")
+    return f"{previous} {question}".strip()

@@ -191,3 +191,41 @@ def question_frame(question: str) -> QuestionFrame:
     nouns = [w for w in subject if tags.get(w, "x")[:1] in _NOUN_TAGS or tags.get(w) in ("vn", "eng")]
     return QuestionFrame(question, tuple(constraints), tuple(subject), tuple(target), asks,
                          tuple(dict.fromkeys(category)), tuple(nouns))
+
+
+def part_labels(parts: list[str]) -> list[str]:
+    """What sets each part of a compound question apart from the others, to head its answer
+    ("襄阳…服务站?" / "荆门…服务站?" → 襄阳 / 荆门; "2022年的冠军" / "2023年的冠军" → 2022年).
+
+    Its own constraints (places, times, organisations...) first; else the text left when the
+    parts' shared beginning and end are cut, widened to whole numbers. Empty when nothing short
+    tells them apart (the caller then names the part in full).
+    """
+    frames = [{c.text for c in question_frame(p).constraints} for p in parts]
+    labels = []
+    for i, part in enumerate(parts):
+        others = set().union(*(f for j, f in enumerate(frames) if j != i)) if len(parts) > 1 else set()
+        own = [t for t in frames[i] if t not in others]
+        labels.append("、".join(sorted(own, key=part.find)))
+    if all(labels):
+        return labels
+    head = len(_common_prefix(parts))
+    tail = len(_common_prefix([p[::-1] for p in parts]))
+    labels = []
+    for part in parts:
+        start, end = head, len(part) - tail
+        while start > 0 and part[start - 1].isdigit():
+            start -= 1  # never cut a number: 2022 / 2023, not 2 / 3
+        while end < len(part) and part[end].isdigit():
+            end += 1
+        label = part[start:end].strip("，,、和与及 ")
+        labels.append(label if 0 < len(label) <= 12 else "")
+    return labels if all(labels) else [""] * len(parts)
+
+
+def _common_prefix(texts: list[str]) -> str:
+    first = min(texts, key=len) if texts else ""
+    for i, ch in enumerate(first):
+        if any(t[i] != ch for t in texts):
+            return first[:i]
+    return first

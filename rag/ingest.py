@@ -14,7 +14,6 @@ would give the same id, those roots' ids take more of their path (``x/d/规.txt`
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -155,16 +154,8 @@ def document_files(paths: list[Path], skipped: list[tuple[str, str]] | None = No
 
 def _same_file(kb: KnowledgeBase, doc_id: str, source: str) -> bool:
     """Whether the stored document ``doc_id`` was read from the file ``source``."""
-    row = kb.db.execute("SELECT source FROM documents WHERE doc_id=?", (doc_id,)).fetchone()
-    return bool(row) and os.path.realpath(row[0]) == os.path.realpath(source)
-
-
-def tokenizer_for(kb: KnowledgeBase, settings: Settings) -> LexicalTokenizer:
-    """The BM25 tokeniser of a KB: its user words are stored in the KB so query time
-    tokenises exactly like index time."""
-    tokenizer = LexicalTokenizer()
-    tokenizer.add_words(json.loads(kb.meta("user_words", "[]")))
-    return tokenizer
+    stored = kb.document_source(doc_id)
+    return stored is not None and os.path.realpath(stored) == os.path.realpath(source)
 
 
 def _read_user_words(path: Path | None) -> list[str]:
@@ -206,8 +197,7 @@ class Ingestor:
         return report
 
     def _ingest_locked(self, kb: KnowledgeBase, paths, prune: bool, progress: bool, report: IngestReport) -> None:
-        user_words = sorted(set(json.loads(kb.meta("user_words", "[]")))
-                            | set(_read_user_words(self.settings.user_dict)))
+        user_words = sorted(set(kb.user_words()) | set(_read_user_words(self.settings.user_dict)))
         tokenizer = LexicalTokenizer()
         tokenizer.add_words(user_words)
         docs, renames = self._load_all(paths, kb, report, progress)
@@ -226,9 +216,7 @@ class Ingestor:
         # unchanged documents were found too: prune must keep them
         seen = {doc.doc_id for doc in docs} | set(report.unchanged) | {p for p, _ in report.failed}
         with kb.transaction() as tx:
-            if user_words != json.loads(kb.meta("user_words", "[]")):
-                kb._set_meta("user_words", json.dumps(user_words, ensure_ascii=False))
-                tx.changed = True
+            tx.set_user_words(user_words)  # new words: a new generation, so searchers reload them
             for new, old in renames.items():  # same file, id given by an older version: keep its work
                 tx.rename_document(old, new)
             for doc, chunks, hashes, lexical in prepared:

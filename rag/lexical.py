@@ -23,10 +23,15 @@ import tempfile
 import unicodedata
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import jieba
 
-from rag.config import PROJECT_ROOT
+from rag.config import DEFAULT_HOME
+
+if TYPE_CHECKING:  # rag.store is not imported at run time: the tokeniser needs no database
+    from rag.config import Settings
+    from rag.store import KnowledgeBase
 
 # Codes and numbers: ``ppr-9087``, ``a1b2``, ``1.57``. The ``(?<![a-z])`` guards change no
 # match (no match of the unguarded pattern ever starts right after a letter: the scan would
@@ -39,7 +44,7 @@ jieba.setLogLevel(logging.WARNING)
 
 
 # Where jieba's dictionary cache (a marshal file: never read one another user could write) lives.
-DEFAULT_CACHE_DIR = PROJECT_ROOT / "index" / "_cache"
+DEFAULT_CACHE_DIR = DEFAULT_HOME / "_cache"
 CACHE_FILE = "jieba.cache"
 
 
@@ -56,7 +61,7 @@ def _is_private_dir(path: Path) -> bool:
 def private_cache_dir(preferred: Path | None = None) -> Path:
     """A directory for jieba's cache that only this user can write.
 
-    ``preferred`` (default ``DEFAULT_CACHE_DIR``, i.e. ``<project>/index/_cache``) is created
+    ``preferred`` (default ``DEFAULT_CACHE_DIR``, i.e. ``<default home>/_cache``) is created
     with mode 0700 when missing; if it cannot be created or is not private (another owner,
     group/world-writable, a symlink), a per-user ``rag-zh-<uid>`` folder in the temp dir is
     used under the same checks, and failing that a fresh ``mkdtemp`` folder.
@@ -136,3 +141,17 @@ class LexicalTokenizer:
             for run in _CJK_RUN.findall(text):
                 tokens.extend("#" + run[i:i + 2] for i in range(len(run) - 1))
         return tokens
+
+
+def tokenizer_for(kb: "KnowledgeBase", settings: "Settings | None" = None) -> LexicalTokenizer:
+    """The BM25 tokeniser of a KB: with the user words stored in it (by its ingests), so
+    query time tokenises exactly like index time.
+
+    Args:
+        kb: the open knowledge base.
+        settings: unused (the words come from the KB, not from ``settings.user_dict``);
+            accepted so existing callers keep working.
+    """
+    tokenizer = LexicalTokenizer()
+    tokenizer.add_words(kb.user_words())
+    return tokenizer

@@ -21,9 +21,8 @@ from __future__ import annotations
 import math
 import re
 import unicodedata
+from collections.abc import Callable, Iterable, Sequence
 from decimal import Decimal, InvalidOperation
-from functools import lru_cache
-from typing import Callable, Iterable, Sequence
 
 from rag import zh
 from rag.zh import MARKER
@@ -46,16 +45,6 @@ _NUMBER = re.compile(
 _PERCENT = re.compile(rf"百分之((?:{_ARABIC}|[{_CN_CHARS}])+)")
 _THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
 _KEEP_PUNCT = {"%"}
-
-
-@lru_cache(maxsize=1)
-def _t2s():
-    try:
-        import opencc
-
-        return opencc.OpenCC("t2s").convert
-    except Exception:  # OpenCC missing: Traditional stays Traditional
-        return lambda text: text
 
 
 def _format(value: Decimal) -> str:
@@ -121,8 +110,7 @@ def normalize_answer(text: str, numbers: bool = True) -> str:
         numbers: convert Chinese numerals and expand 万/亿 (``numbers=False`` keeps them as
             written, for RGB's plain substring rule: "60.39" in "60.39亿").
     """
-    text = unicodedata.normalize("NFKC", str(text)).lower()
-    text = _t2s()(text)
+    text = zh.simplified(str(text)).lower()  # NFKC, Traditional → Simplified (rag.zh)
     text = _THOUSANDS.sub("", text)
     if numbers:
         text = _replace_numbers(text)

@@ -94,6 +94,32 @@ def is_loopback(host: str) -> bool:
     return address.is_loopback or bool(mapped and mapped.is_loopback)
 
 
+class BindError(ValueError):
+    """Refusing to listen beyond this machine without a secret (a password or an API key)."""
+
+
+def check_bind(host: str, secret: str | None, kind: str = "api_key") -> None:
+    """Anyone who can reach a non-loopback address could read every document: require a secret.
+
+    Args:
+        host: the address the server would listen on.
+        secret: the password (web UI) or API key (HTTP API, MCP over HTTP); empty means none.
+        kind: ``"password"`` (``rag serve``) or ``"api_key"`` (``rag api``, ``rag mcp``): which
+            setting the message tells the operator to set.
+    """
+    if is_loopback(host) or secret:
+        return
+    if kind == "password":
+        raise BindError(
+            f"拒绝启动：监听 {host} 会让其他机器访问问答界面和全部文档，必须设置访问密码"
+            f"（--password 或环境变量 RAG_UI_PASSWORD）；只在本机使用请去掉 --host。"
+            f" / refusing to bind {host} without an access password (use --password or RAG_UI_PASSWORD).")
+    raise BindError(
+        f"拒绝在非本机地址 {host} 上无密钥提供服务：请设置 RAG_API_KEY，或使用 --host 127.0.0.1 / "
+        f"refusing to listen on non-loopback address {host} without an API key: "
+        f"set RAG_API_KEY or bind to 127.0.0.1")
+
+
 def parse_allowed_hosts(text: str | Iterable[str] | None) -> list[str]:
     """A comma/space separated allow-list (or a list of entries), validated: ``["rag.lan", "localhost:9000"]``.
 

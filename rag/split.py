@@ -15,13 +15,11 @@ from dataclasses import dataclass
 from rag.clean import CleanText, is_heading_line
 from rag.load import RawDocument
 from rag.tokens import count_tokens
+from rag.zh import CJK, SENTENCE_CUT
 
-# A sentence ends at Chinese/Latin end punctuation (closing quotes included), a Latin
-# full stop followed by a space (not the one in "3.1亿"), or a line break.
-_SENTENCE = re.compile(r"(?:[^。！？!?；;…\n.]|\.(?!\s))*(?:[。！？!?；;…]+[”」』）)]*|\.+(?=\s)|\n+|$)")
 _MD_HEADING = re.compile(r"^(#{1,6})\s*(.+)$")
 # "宁波:…", "湖州：…" — a place or topic name followed by a colon starts a section.
-_NAMED_SECTION = re.compile(r"^[\u4e00-\u9fff]{2,6}[:：]")
+_NAMED_SECTION = re.compile(rf"^[{CJK}]{{2,6}}[:：]")
 
 
 @dataclass
@@ -88,8 +86,11 @@ def _sections(clean: CleanText) -> list[tuple[str, int, int]]:
 
 
 def _sentences(text: str, base: int) -> list[tuple[int, int]]:
+    """Spans (offset by ``base``) of the sentences of ``text`` as the chunker cuts them
+    (``rag.zh.SENTENCE_CUT``: end punctuation with its closing quotes, a Latin full stop
+    before a space, line breaks)."""
     spans = []
-    for m in _SENTENCE.finditer(text):
+    for m in SENTENCE_CUT.finditer(text):
         if m.end() > m.start() and text[m.start():m.end()].strip():
             spans.append((base + m.start(), base + m.end()))
     return spans

@@ -11,6 +11,8 @@ and fsynced under a temporary name, renamed, then the generation number is
 committed in the same SQLite transaction as the rows. A crash at any point
 leaves either the old or the new generation complete. Nothing is ever
 unpickled: FAISS's own format, ``np.load(allow_pickle=False)``, JSON and SQLite.
+All SQL lives here and in ``store_transaction`` / ``store_schema`` (the versioned schema:
+an older KB is migrated when opened, a newer one refused).
 
 One writer at a time per KB, across processes: ``write.lock`` (filelock) is held by
 every ingest, removal and reindex (``KnowledgeBase.write_lock``); a second writer says
@@ -38,35 +40,10 @@ import filelock
 import numpy as np
 
 from rag.index_files import Indexes, clear_leftovers, read_generation, remove_older_generations, write_generation
-from rag.store_transaction import KnowledgeBaseTransaction
+from rag.store_schema import SCHEMA_VERSION, WRITER_TABLES, ensure_schema, schema_version  # noqa: F401 (re-exported)
+from rag.store_transaction import KnowledgeBaseTransaction, get_meta, set_meta, stored_user_words
 from rag.writers import HOST, LockReportingConnection, default_lock_timeout, writer_alive
 from rag.writers import KnowledgeBaseBusyError, KnowledgeBaseError  # noqa: F401 (callers import them from here)
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS documents (
-    doc_id TEXT PRIMARY KEY, title TEXT NOT NULL, source TEXT NOT NULL,
-    content_hash TEXT NOT NULL, text TEXT NOT NULL, page_starts TEXT NOT NULL,
-    added_at REAL NOT NULL);
-CREATE TABLE IF NOT EXISTS chunks (
-    id INTEGER PRIMARY KEY AUTOINCREMENT, doc_id TEXT NOT NULL REFERENCES documents(doc_id),
-    ord INTEGER NOT NULL, text TEXT NOT NULL, section TEXT NOT NULL,
-    start INTEGER NOT NULL, "end" INTEGER NOT NULL, page INTEGER, tokens INTEGER NOT NULL,
-    content_hash TEXT NOT NULL, lexical TEXT NOT NULL);
-CREATE INDEX IF NOT EXISTS chunks_doc ON chunks(doc_id);
-CREATE INDEX IF NOT EXISTS chunks_hash ON chunks(content_hash);
-CREATE TABLE IF NOT EXISTS vectors (content_hash TEXT PRIMARY KEY, vector BLOB NOT NULL);
-"""
-# Writers register here while they hold vectors not yet linked to chunks (embedded or found in
-# the cache for their coming commit); a commit never prunes a vector a live writer claims.
-# Created inside write transactions only: opening an existing KB to read never writes.
-WRITER_TABLES = (
-    ("CREATE TABLE IF NOT EXISTS writers (token TEXT PRIMARY KEY, pid INTEGER NOT NULL, host TEXT NOT NULL, "
-     "started_at REAL NOT NULL)"),
-    ("CREATE TABLE IF NOT EXISTS vector_claims (token TEXT NOT NULL, content_hash TEXT NOT NULL, "
-     "PRIMARY KEY (token, content_hash)) WITHOUT ROWID"),
-)
-
 
 @dataclass
 class StoredChunk:
@@ -129,7 +106,7 @@ class KnowledgeBase:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA secure_delete=ON")  # deleted text is zeroed, not left in free pages
             db.execute("PRAGMA foreign_keys=ON")
-            db.executescript(SCHEMA)
+            ensure_schema(db, self.path)  # migrates an older KB, refuses a newer one
             st = os.stat(self._db_file)
         except BaseException:
             db.close()
@@ -156,11 +133,21 @@ class KnowledgeBase:
 
     # ---------------------------------------------------------------- meta
     def meta(self, key: str, default: str | None = None) -> str | None:
-        row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
-        return row[0] if row else default
+        """One stored setting (``generation``, ``embedder``, ``dim``, ``user_words``), or ``default``."""
+        return get_meta(self.db, key, default)
 
     def _set_meta(self, key: str, value: str) -> None:
-        self.db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
+        set_meta(self.db, key, value)
+
+    @property
+    def schema_version(self) -> int:
+        """The schema version of ``kb.sqlite`` (``SCHEMA_VERSION`` once opened)."""
+        return schema_version(self.db)
+
+    def user_words(self) -> list[str]:
+        """The words the KB's BM25 tokeniser keeps whole (the user dictionary of its ingests),
+        stored so that query time tokenises exactly like index time."""
+        return stored_user_words(self.db)
 
     @property
     def generation(self) -> int:
@@ -196,6 +183,11 @@ class KnowledgeBase:
 
     def document_hash(self, doc_id: str) -> str | None:
         row = self.db.execute("SELECT content_hash FROM documents WHERE doc_id=?", (doc_id,)).fetchone()
+        return row[0] if row else None
+
+    def document_source(self, doc_id: str) -> str | None:
+        """The path a stored document was read from (None when there is no such document)."""
+        row = self.db.execute("SELECT source FROM documents WHERE doc_id=?", (doc_id,)).fetchone()
         return row[0] if row else None
 
     def document_text(self, doc_id: str) -> tuple[str, str] | None:
@@ -356,6 +348,35 @@ class KnowledgeBase:
             if tx.changed:
                 self._checkpoint()
                 self.remove_stale_generations(below=new_generation)
+
+    def reindex(self) -> int:
+        """Rebuild the derived FAISS/BM25 indexes from SQLite as a new generation.
+
+        Repairs lost or damaged index files; open searchers pick the new generation up on
+        their next query. Holds the write lock (waits for another writer, see ``write_lock``).
+
+        Returns:
+            The new generation; the current one, unbuilt, when nothing was ever indexed
+            (no embedder recorded yet).
+        """
+        with self.write_lock():
+            if self.embedder_id is None:
+                return self.generation
+            with self.transaction() as tx:
+                tx.request_rebuild()
+            return self.generation
+
+    def mark_documents_stale(self) -> int:
+        """Make the next ingest treat every stored document as changed, so it splits and
+        tokenises them again (after the chunking code changed); their vectors stay cached,
+        so unchanged chunk texts are not embedded again. The indexes are left as they are.
+
+        Returns:
+            How many documents were marked.
+        """
+        with self.write_lock(), self._write() as db:
+            # No real content hash is "stale": every document's stored hash then differs.
+            return db.execute("UPDATE documents SET content_hash = 'stale'").rowcount
 
     def _checkpoint(self) -> None:
         """Fold the WAL into the database file (deleted text must not stay in the -wal file);

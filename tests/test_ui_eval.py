@@ -50,7 +50,7 @@ def test_run_shows_report_plot_and_the_passages_of_a_miss(ui_app, questions_file
     status, metrics, plot, report_md, files, misses, run_dir, _ = panel.run(*run_args(str(questions_file)))
 
     run_dir = Path(run_dir)
-    assert run_dir.parent == app.kbs.home / "_eval_runs"
+    assert run_dir.parent == app.service.home / "_eval_runs"
     report = json.loads((run_dir / "report.json").read_text(encoding="utf-8"))
     assert (report["n"], report["n_negative"]) == (4, 1)
     assert report["retrieval"]["hit@1"] == report["retrieval"]["hit@10"] == TWO_OF_THREE
@@ -79,7 +79,7 @@ def test_run_shows_report_plot_and_the_passages_of_a_miss(ui_app, questions_file
 
 def test_bad_input_is_refused_before_any_run(ui_app, questions_file, tmp_path):
     app, _ = ui_app
-    runs = app.kbs.home / "_eval_runs"
+    runs = app.service.home / "_eval_runs"
     before = set(runs.iterdir()) if runs.exists() else set()
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"id": "x"}\n', encoding="utf-8")  # no "question"

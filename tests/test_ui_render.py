@@ -41,6 +41,14 @@ def test_answer_html_has_clickable_chips_sources_and_marks_unsupported():
     assert "第2页" in html and "概况" in html
 
 
+def test_chips_sit_before_the_closing_punctuation_as_in_the_verified_answer():
+    # one rule (rag.zh.split_trailing) for the answer text and the UI, a trailing comma included
+    result = _result("青石市共有新能源公交车3200辆，[1]")
+    assert result.answer == "青石市共有新能源公交车3200辆[1]，"
+    html = render.answer_message(1, result.to_dict())
+    assert '3200辆<a class="cite" href="#cite-t1-c1"' in html and "</a>，</span>" in html
+
+
 def test_document_text_is_escaped_everywhere():
     result = _result("充电站<b>58座</b>[1]。").to_dict()
     turn = {"question": "<script>x</script>", "kb": "库", "result": result}

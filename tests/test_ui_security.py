@@ -137,7 +137,7 @@ def test_only_loopback_host_headers_with_the_right_port_are_served(secured_ui):
     call = httpx.post(base + "/gradio_api/call/remove_documents", headers=evil, timeout=10,
                       json={"data": [KB, ["资料/城市图书馆服务指南.md"]]})
     assert call.status_code == 403
-    assert len(secured_ui[0].kbs.documents(KB)) == len(UI_DOCS)
+    assert len(secured_ui[0].service.documents(KB)) == len(UI_DOCS)
 
 
 def test_netguard_loopback_names_and_host_rules():
@@ -245,8 +245,8 @@ def test_deleting_a_document_deletes_the_eval_runs_that_quote_it(secured_ui, tmp
     (tmp_path / UI_UPLOAD_NAME).write_text(UI_UPLOAD_TEXT, encoding="utf-8")
     other = tmp_path / "城市图书馆服务指南.md"
     other.write_text(UI_DOCS["城市图书馆服务指南.md"], encoding="utf-8")
-    assert app.kbs.ingest(kb, [tmp_path / UI_UPLOAD_NAME, other], progress=False).ok
-    ids = {d.title: d.doc_id for d in app.kbs.documents(kb)}
+    assert app.service.ingest(kb, [tmp_path / UI_UPLOAD_NAME, other], progress=False).ok
+    ids = {d.title: d.doc_id for d in app.service.documents(kb)}
     volcano = next(doc_id for doc_id in ids.values() if doc_id.endswith(UI_UPLOAD_NAME))
     library = next(doc_id for doc_id in ids.values() if doc_id != volcano)
 
@@ -268,7 +268,7 @@ def test_deleting_a_document_deletes_the_eval_runs_that_quote_it(secured_ui, tmp
         *_, status = client.predict(kb, [volcano], api_name="/remove_documents")
     finally:
         client.close()
-    assert [d.doc_id for d in app.kbs.documents(kb)] == [library]
+    assert [d.doc_id for d in app.service.documents(kb)] == [library]
     assert not run_dir.exists() and not served.exists()
     assert "评测记录" in status, status
     assert keep_other_kb.is_dir() and keep_other_doc.is_dir()

@@ -29,7 +29,7 @@ from ui.bind import AUTH_USER, check_bind
 from ui.chat import ChatHandlers
 from ui.eval_panel import EvalHandlers, build_eval_tab
 from ui.kb_panel import DOC_HEADERS, KBHandlers
-from ui.services import KnowledgeBases
+from rag.service import RagService
 
 # Enough parallel answers that one slow LLM answer never queues a quick extractive one
 # behind it; the local model itself is serialised by the lock in rag.llm.
@@ -60,12 +60,12 @@ class RagApp:
 
     def __init__(self, settings: Settings, chat_concurrency: int = DEFAULT_CHAT_CONCURRENCY):
         self.settings = settings
-        self.kbs = KnowledgeBases(settings)
+        self.service = RagService(settings)
         self._export_dir = tempfile.TemporaryDirectory(prefix="rag-export-")
-        self.chat = ChatHandlers(self.kbs, Path(self._export_dir.name))
-        self.eval_panel = EvalHandlers(self.kbs, Path(self._export_dir.name))
+        self.chat = ChatHandlers(self.service, Path(self._export_dir.name))
+        self.eval_panel = EvalHandlers(self.service, Path(self._export_dir.name))
         # Deleting a document also deletes the eval runs whose logs quote it.
-        self.kb_panel = KBHandlers(self.kbs, purge=self.eval_panel.purge_runs)
+        self.kb_panel = KBHandlers(self.service, purge=self.eval_panel.purge_runs)
         self.blocks = self._build()
         self.blocks.queue(default_concurrency_limit=chat_concurrency)
 
@@ -81,7 +81,7 @@ class RagApp:
             with gr.Row(equal_height=False):
                 with gr.Column(scale=3):
                     # Custom values allowed: KBs created after start-up (and API callers) must pass
-                    # validation; the name is checked by KnowledgeBases anyway.
+                    # validation; the name is checked by RagService anyway.
                     kb = gr.Dropdown(label="知识库", choices=self.kb_panel.choices(), value=s.kb,
                                      allow_custom_value=True, elem_id="rag-kb")
                     with gr.Tabs():
@@ -199,7 +199,7 @@ class RagApp:
 
     def close(self) -> None:
         self.blocks.close()
-        self.kbs.close()
+        self.service.close()
         self._export_dir.cleanup()
 
 

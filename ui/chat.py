@@ -2,7 +2,7 @@
 
 They hold no per-user data: the conversation comes in and goes out through a
 ``gr.State`` (one per browser session); the shared knowledge bases come from
-the ``KnowledgeBases`` given at construction.
+the ``RagService`` given at construction.
 """
 from __future__ import annotations
 
@@ -13,9 +13,10 @@ from pathlib import Path
 
 import gradio as gr
 
+from rag.answer_types import Answered, Retrieved, Token
 from ui import render
 from ui.conversation import find_source, history, make_turn, to_markdown
-from ui.services import KnowledgeBases, LLMChoice
+from rag.service import LLMChoice, RagService
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +31,8 @@ def chat_messages(turns: list[dict]) -> list[dict]:
 
 
 class ChatHandlers:
-    def __init__(self, kbs: KnowledgeBases, export_dir: Path):
-        self.kbs = kbs
+    def __init__(self, service: RagService, export_dir: Path):
+        self.service = service
         self.export_dir = export_dir
 
     def respond(self, message: str, turns: list[dict] | None, kb: str, backend: str, k: float,
@@ -52,17 +53,17 @@ class ChatHandlers:
                            (model or "").strip())
         result, text = None, ""
         try:
-            answerer = self.kbs.answerer(kb, choice)
+            answerer = self.service.answerer(kb, choice)
             for event in answerer.stream(question, history(turns), choice.backend, int(k)):
-                if event["type"] == "passages":
-                    status = (f"已找到 {len(event['passages'])} 段资料，正在生成回答…" if event["passages"]
+                if isinstance(event, Retrieved):
+                    status = (f"已找到 {len(event.passages)} 段资料，正在生成回答…" if event.passages
                               else "没有找到相关资料")
                     yield frame(render.streaming_message(text, status))
-                elif event["type"] == "token":
-                    text += event["text"]
+                elif isinstance(event, Token):
+                    text += event.text
                     yield frame(render.streaming_message(text, "正在生成…"))
-                elif event["type"] == "final":
-                    result = event["result"]
+                elif isinstance(event, Answered):
+                    result = event.result
         except Exception as exc:  # shown in the chat; the session and the server keep going
             log.exception("answer failed")
             yield frame(render.error_message(str(exc)))
@@ -77,13 +78,13 @@ class ChatHandlers:
         source = find_source(turns or [], key)
         if source is None:
             return '<div class="warn">找不到这条引用（对话可能已清空）。</div>', None, gr.update(value="", visible=False)
-        doc = self.kbs.document_text(source["kb"], source["doc_id"])
+        doc = self.service.document_text(source["kb"], source["doc_id"])
         return render.context_html(source, doc), source, gr.update(value="", visible=False)
 
     def open_full(self, source: dict | None):
         if source is None:
             return gr.update(value='<div class="muted">先点击一个引用。</div>', visible=True)
-        doc = self.kbs.document_text(source["kb"], source["doc_id"])
+        doc = self.service.document_text(source["kb"], source["doc_id"])
         return gr.update(value=render.full_document_html(source, doc), visible=True)
 
     def details(self, turns: list[dict] | None, show: bool):

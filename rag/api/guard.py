@@ -1,26 +1,17 @@
-"""Who may call ``rag api``: the bind check, the auth/Host/size guard (ASGI middleware) and
-the bounded queue in front of the answer slots."""
+"""Who may call ``rag api``: the auth/Host/size guard (ASGI middleware) and the bounded queue in
+front of the answer slots. (Where the API may listen is ``rag.netguard.check_bind``.)"""
 from __future__ import annotations
 
 import asyncio
 import hmac
 
-from rag.api_wire import ApiError  # noqa: E402
-from rag.netguard import is_loopback  # noqa: F401 (also re-exported: rag.api.is_loopback)
+from rag.api.wire import ApiError
+from rag.netguard import is_loopback
 
 PUBLIC_PATHS = {"/healthz", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc"}
 
 
 # ----------------------------------------------------------------------------- binding and the guard
-
-
-def check_bind(host: str, api_key: str | None) -> None:
-    """Refuse to serve the documents beyond this machine without a key."""
-    if not is_loopback(host) and not api_key:
-        raise ValueError(
-            f"拒绝在非本机地址 {host} 上无密钥提供服务：请设置 RAG_API_KEY，或使用 --host 127.0.0.1 / "
-            f"refusing to listen on non-loopback address {host} without an API key: "
-            f"set RAG_API_KEY or bind to 127.0.0.1")
 
 
 class Guard:

@@ -10,9 +10,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from rag.answer import AnswerResult
+from rag.answer_types import AnswerResult
 from rag.config import Settings
-from rag.netguard import is_loopback  # noqa: F401 (also re-exported: rag.api.is_loopback)
 from rag.tokens import count_tokens
 
 

