@@ -26,7 +26,7 @@ from langchain_core.runnables import Runnable, RunnableGenerator, RunnableLambda
 
 from rag.answer_types import (  # noqa: F401 (AnswerEvent, eval_record: also imported from here)
     AnswerEvent, Answered, AnswerResult, Drafted, Retrieved, Rewritten, Token, _LastWins, eval_record)
-from rag.cite import Citation, best_quote, locate, verify
+from rag.cite import Citation, citations_for, verify
 from rag.config import Settings
 from rag.extractive import extractive_answer, passage_context
 from rag.focus import focus
@@ -37,7 +37,7 @@ from rag.places import dominant_place
 from rag.retrieve import Hit, Searcher
 from rag.templates import load_prompt
 from rag.tokens import count_tokens
-from rag.zh import REFUSAL, is_refusal
+from rag.zh import REFUSAL, is_refusal, not_found
 
 # Dense cosine of the best passage below which nothing is considered relevant. e5 cosines are
 # compressed (unrelated Chinese text still scores ~0.75); measured on the shared sets (README).
@@ -65,6 +65,7 @@ class Turn(_LastWins):
     part_hits: list[list[int]] = field(default_factory=list)
     part_contexts: list[str] = field(default_factory=list)
     part_texts: list[str] = field(default_factory=list)
+    part_relevant: list[bool] = field(default_factory=list)  # a part with nothing close is not answered
     text: str = ""
     messages: list | None = None
     notice: str | None = None
@@ -93,11 +94,6 @@ def _step(name: str, work: Callable[[Turn], Iterator]) -> Runnable:
             else:
                 yield item
     return RunnableGenerator(transform, name=name)
-
-
-def not_found(part: str) -> str:
-    """What the answer says for a part of the question the documents do not answer."""
-    return f"文档中没有找到“{part.strip().rstrip('?？。')}”的相关信息。"
 
 
 class Answerer:
@@ -227,23 +223,7 @@ class Answerer:
         return chosen, "\n\n".join(parts)
 
     def citations_for(self, numbers: list[int], sentences, hits: list[Hit]) -> list[Citation]:
-        citations = []
-        for n in numbers:
-            c = hits[n - 1].chunk
-            quotes = {best_quote(s.text, c.text) for s in sentences if n in s.cited}
-            found = [(c.text.find(q), q) for q in quotes if c.text.find(q) >= 0]
-            if found:  # one contiguous quote covering every sentence this passage supports
-                first = min(at for at, _ in found)
-                quote = c.text[first:max(at + len(q) for at, q in found)]
-            else:
-                quote = c.text[:80]
-            span = None
-            doc = self.searcher.kb.document_text(c.doc_id)
-            if doc:
-                span = locate(doc[1], c.start, c.end, quote)
-            citations.append(Citation(n, c.id, c.doc_id, c.title, c.section, c.page, c.start, c.end, quote,
-                                      span[0] if span else None, span[1] if span else None))
-        return citations
+        return citations_for(numbers, sentences, [h.chunk for h in hits], self.searcher.kb.document_text)
 
     def extractive_answer(self, query: str, hits: list[Hit], numbers: list[int] | None = None) -> str:
         """Best supporting sentences from the top passages, with their [n] (``rag.extractive``)."""
@@ -285,6 +265,11 @@ class Answerer:
         retrieval = self.searcher.search_parts(turn.query, turn.k)
         turn.hits = retrieval.hits
         turn.parts = list(retrieval.parts) if len(retrieval.parts) > 1 else []
+        # Relevance per part by the part's own nearest passage, the rule a single question gets: the
+        # merged hits' scores come from whichever list they were taken from.
+        for part in turn.parts:
+            nearest = self.searcher.search(part, 1, mode="dense")
+            turn.part_relevant.append(bool(nearest) and (nearest[0].dense_score or 0.0) >= MIN_DENSE_SCORE)
         turn.timings["retrieve"] = (time.perf_counter() - t) * 1000
         yield turn
 
@@ -315,16 +300,19 @@ class Answerer:
             if i:  # the parts' answers are read as one text: one line each
                 turn.text += "\n"
                 yield Token("\n")
+            relevant = bool(hits) and max((h.dense_score or 0.0) for h in hits) >= MIN_DENSE_SCORE
+            if turn.parts:
+                relevant = relevant and turn.part_relevant[i]
             text = yield from self._generate_part(turn, question, hits, [j + 1 for j in turn.part_hits[i]],
-                                                  turn.part_contexts[i])
+                                                  turn.part_contexts[i], relevant)
             turn.part_texts.append(text)
         yield Drafted(turn.text, turn.backend)
         yield turn
 
-    def _generate_part(self, turn: Turn, question: str, hits: list[Hit], numbers: list[int], context: str):
+    def _generate_part(self, turn: Turn, question: str, hits: list[Hit], numbers: list[int], context: str,
+                       relevant: bool):
         """Answer one question (or one part) from its numbered passages; yields tokens, returns the text."""
         text = ""
-        relevant = bool(hits) and max((h.dense_score or 0.0) for h in hits) >= MIN_DENSE_SCORE
         if not relevant:
             text = REFUSAL
         elif turn.backend == "extractive":

@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 import unicodedata
 from dataclasses import asdict, dataclass, field
+from typing import Callable
 
 from rag.align import align
 from rag.frame import question_frame
@@ -183,3 +184,31 @@ def verify(answer: str, passages: list[str], threshold: float = SUPPORT_THRESHOL
             if n not in used:
                 used.append(n)
     return Verification("".join(rebuilt).strip(), checks, used)
+
+
+def citations_for(numbers: list[int], sentences: list[SentenceCheck], chunks: list,
+                  document_text: Callable[[str], tuple[str, str] | None]) -> list[Citation]:
+    """The citations of a verified answer: for each used ``[n]``, one contiguous quote of
+    ``chunks[n-1]`` covering every sentence it supports, and that quote's span in the original file.
+
+    Args:
+        numbers: the passage numbers the verified answer cites.
+        sentences: the verifier's per-sentence checks.
+        chunks: the numbered passages (``StoredChunk``), ``[1]`` first.
+        document_text: ``doc_id -> (title, original text)`` (None when the document is gone).
+    """
+    citations = []
+    for n in numbers:
+        c = chunks[n - 1]
+        quotes = {best_quote(s.text, c.text) for s in sentences if n in s.cited}
+        found = [(c.text.find(q), q) for q in quotes if c.text.find(q) >= 0]
+        if found:  # one contiguous quote covering every sentence this passage supports
+            first = min(at for at, _ in found)
+            quote = c.text[first:max(at + len(q) for at, q in found)]
+        else:
+            quote = c.text[:80]
+        doc = document_text(c.doc_id)
+        span = locate(doc[1], c.start, c.end, quote) if doc else None
+        citations.append(Citation(n, c.id, c.doc_id, c.title, c.section, c.page, c.start, c.end, quote,
+                                  span[0] if span else None, span[1] if span else None))
+    return citations

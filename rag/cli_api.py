@@ -34,10 +34,10 @@ def cmd_api(args) -> int:
 
 
 def register(sub, common) -> None:
+    from rag.cli_serve import add_listen_args
+
     p = sub.add_parser("api", parents=[common], help="OpenAI 兼容的 HTTP 接口 OpenAI-compatible HTTP API")
-    p.add_argument("--host", default="127.0.0.1",
-                   help="监听地址 bind address (default 127.0.0.1; others need RAG_API_KEY)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--llm", choices=["local", "openai", "extractive"], help="default: RAG_LLM_BACKEND or local")
+    add_listen_args(p, 8000, "监听地址 bind address (default 127.0.0.1; others need RAG_API_KEY)",
+                    "default: RAG_LLM_BACKEND or local")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=cmd_api)

@@ -33,17 +33,22 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def add_listen_args(p, port: int, host_help: str, llm_help: str) -> None:
+    """The flags every server command has: where it listens and its default answer backend."""
+    p.add_argument("--host", default="127.0.0.1", help=host_help)
+    p.add_argument("--port", type=int, default=port)
+    p.add_argument("--llm", choices=["local", "openai", "extractive"], help=llm_help)
+
+
 def register(sub, common) -> None:
     p = sub.add_parser("serve", parents=[common], help="启动网页界面 start the web UI")
-    p.add_argument("--host", default="127.0.0.1",
-                   help="监听地址 (default 127.0.0.1; any other address requires a password)")
-    p.add_argument("--port", type=int, default=7860)
+    add_listen_args(p, 7860, "监听地址 (default 127.0.0.1; any other address requires a password)",
+                    "默认回答模型 default backend")
     p.add_argument("--password", help=f"访问密码，登录用户名 rag / access password, user name rag (or set {PASSWORD_ENV})")
     p.add_argument("--allowed-hosts",
                    help="额外允许的 Host 名称，逗号分隔，name 或 name:port / extra Host names to answer, comma "
                         "separated (e.g. localhost:9000 for an SSH tunnel). Loopback bind: added to the loopback "
                         "names; other binds: only these (and loopback) instead of any Host "
                         f"(or set {ALLOWED_HOSTS_ENV})")
-    p.add_argument("--llm", choices=["local", "openai", "extractive"], help="默认回答模型 default backend")
     p.add_argument("--concurrency", type=int, default=8, help="同时生成的回答数 answers computed at once")
     p.set_defaults(func=cmd_serve)

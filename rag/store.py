@@ -39,25 +39,22 @@ from typing import Iterator
 import filelock
 import numpy as np
 
+from rag.split import Chunk
 from rag.index_files import Indexes, clear_leftovers, read_generation, remove_older_generations, write_generation
 from rag.store_schema import SCHEMA_VERSION, WRITER_TABLES, ensure_schema, schema_version  # noqa: F401 (re-exported)
 from rag.store_transaction import KnowledgeBaseTransaction, get_meta, set_meta, stored_user_words
 from rag.writers import HOST, LockReportingConnection, default_lock_timeout, writer_alive
 from rag.writers import KnowledgeBaseBusyError, KnowledgeBaseError  # noqa: F401 (callers import them from here)
 
-@dataclass
-class StoredChunk:
+@dataclass(kw_only=True)
+class StoredChunk(Chunk):
+    """A chunk as stored: its row id, its document and its place in it."""
+
     id: int
     doc_id: str
     title: str
     source: str
     ord: int
-    text: str
-    section: str
-    start: int
-    end: int
-    page: int | None
-    tokens: int
 
 
 @dataclass
@@ -200,11 +197,12 @@ class KnowledgeBase:
             return {}
         marks = ",".join("?" * len(ids))
         rows = self.db.execute(
-            f'SELECT c.id, c.doc_id, d.title, d.source, c.ord, c.text, c.section, c.start, c."end", '
-            f"c.page, c.tokens FROM chunks c JOIN documents d ON d.doc_id = c.doc_id WHERE c.id IN ({marks})",
+            f'SELECT c.text, c.section, c.start, c."end", c.page, c.tokens, c.id, c.doc_id, d.title, d.source, c.ord '
+            f"FROM chunks c JOIN documents d ON d.doc_id = c.doc_id WHERE c.id IN ({marks})",
             [int(i) for i in ids],
         ).fetchall()
-        return {row[0]: StoredChunk(*row) for row in rows}
+        return {row[6]: StoredChunk(*row[:6], id=row[6], doc_id=row[7], title=row[8], source=row[9], ord=row[10])
+                for row in rows}
 
     def chunk_count(self) -> int:
         return self.db.execute("SELECT COUNT(*) FROM chunks").fetchone()[0]

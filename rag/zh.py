@@ -125,3 +125,8 @@ def has_number(text: str, number: str) -> bool:
 def is_question(sentence: str) -> bool:
     """A sentence that asks (ends with ？ / ?): an FAQ's question line, not an answer."""
     return bool(re.search(r"[？?]\s*$", MARKER.sub("", sentence)))
+
+
+def not_found(part: str) -> str:
+    """What an answer says for a part of a compound question the documents do not answer."""
+    return f"文档中没有找到“{part.strip().rstrip('?？。')}”的相关信息。"

@@ -90,7 +90,7 @@ def _hit(cid: int):
     from rag.retrieve import Hit
     from rag.store import StoredChunk
 
-    chunk = StoredChunk(cid, f"d{cid}.txt", "", "", 0, f"text {cid}", "", 0, 10, None, 5)
+    chunk = StoredChunk(f"text {cid}", "", 0, 10, None, 5, id=cid, doc_id=f"d{cid}.txt", title="", source="", ord=0)
     return Hit(chunk, 1.0 / cid)
 
 

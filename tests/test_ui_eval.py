@@ -108,5 +108,8 @@ def test_evaluate_api_with_a_corpus_upload_and_answers(ui_app, questions_file, t
     assert values["前 1 段命中率 · hit@1"] == "0.667"
     assert values["回答 回答正确率 · accuracy"] == "1.000"  # extractive answers to lib and bus
     assert values["回答 回答题数 · n_answered"] == "4"
+    # The UI's answers carry their passages and per-sentence checks, like rag eval's (one eval_record).
+    assert values["回答 引用准确率 · citation_precision"] == "1.000"
+    assert values["回答 无资料支持的句子比例 · unsupported_sentence_rate"] == "0.000"
     assert [row[0] for row in misses["data"]] == ["tea-miss"]
     assert Path(plot).is_file() and len(files) == 2 and "点击上表" in detail

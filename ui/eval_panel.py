@@ -43,6 +43,8 @@ _METRIC_NAMES = {  # report.json keys → what a Chinese reader sees; the key st
     "answer_p50_ms": "回答延迟 p50（毫秒）", "answer_p95_ms": "回答延迟 p95（毫秒）",
     "accuracy": "回答正确率", "refusal_rate": "无答案题的拒答率", "false_refusal_rate": "有答案题的误拒率",
     "n_answered": "回答题数", "errors": "回答出错数",
+    "citation_precision": "引用准确率", "unsupported_sentence_rate": "无资料支持的句子比例",
+    "first_token_p50_ms": "首字延迟 p50（毫秒）", "first_token_p95_ms": "首字延迟 p95（毫秒）",
     "latency_p50_ms": "回答耗时 p50（毫秒）", "latency_p95_ms": "回答耗时 p95（毫秒）",
 }
 
