@@ -45,6 +45,7 @@ fi
 run seeds        "$SHARED/corpus/seeds_eval/dev.jsonl"        "$SHARED/corpus/seeds"                 hit@5=1.0 answer.refusal_rate=0.9
 run seeds_conf   eval/sets/seeds_confusable.jsonl             "$SHARED/corpus/seeds"                 answer.refusal_rate=0.9
 run seeds_fu     eval/sets/seeds_followups.jsonl              "$SHARED/corpus/seeds"                 answer.refusal_rate=0.9
+run seeds_twopart eval/sets/seeds_twopart.jsonl               "$SHARED/corpus/seeds"                 hit@5=1.0 all_groups@10=1.0
 run rgb_zh_neg   "$NEG"                                       "$SHARED/evaldata/rgb_zh_neg/corpus.jsonl" answer.refusal_rate=0.9
 run cmrc2018     "$SHARED/evaldata/cmrc2018/questions.jsonl"  "$SHARED/evaldata/cmrc2018/corpus.jsonl"   hit@1=0.94 answers-limit=100
 run drcd         "$SHARED/evaldata/drcd/questions.jsonl"      "$SHARED/evaldata/drcd/corpus.jsonl"       hit@1=0.92 answers-limit=100

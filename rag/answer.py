@@ -5,9 +5,10 @@ the events before it and hands the turn (``Turn``) to the next:
 
     rewrite → retrieve → pack → generate → verify → finalise
 
-``Answerer.chain`` is that runnable: ``.stream({"question", "history"?, "backend"?, "k"?,
-"max_tokens"?})`` yields typed events (``rag.answer_types``: ``Rewritten``, ``Retrieved``,
-``Token``..., ``Answered`` last) and ``.invoke`` returns the final ``Answered``. The CLI, the
+``Answerer.chain`` is that runnable, taking a ``Turn``; ``Answerer.as_runnable()`` takes a plain
+``{"question", "history"?, "backend"?, "k"?, "max_tokens"?}``. ``.stream()`` yields typed events
+(``rag.answer_types``: ``Rewritten``, ``Retrieved``, ``Token``..., ``Answered`` last) and
+``.invoke()`` returns the final ``Answered``. The CLI, the
 web UI, the HTTP API and ``rag eval`` all run it. Three backends: ``local`` (GGUF via
 llama.cpp), ``openai`` (any OpenAI-compatible endpoint) and ``extractive`` (no LLM: the best
 supporting sentences, instantly). The LLM falls back to the extractive answer through
@@ -380,7 +381,8 @@ class Answerer:
     def _judge(self, turn: Turn, result: AnswerResult) -> None:
         """Optional: withhold an answer the model itself judges unsupported (off by default)."""
         threshold = self.settings.llm_judge_threshold
-        if turn.backend == "extractive" or turn.messages is None or threshold <= 0:
+        # One prompt, one answer: a compound question's parts each had their own prompt.
+        if turn.backend == "extractive" or turn.messages is None or threshold <= 0 or turn.parts:
             return
         result.judge = self.judge(turn.backend, turn.messages, turn.text)
         if result.judge is not None and result.judge < threshold:

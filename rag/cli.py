@@ -135,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--kb", default=argparse.SUPPRESS,
                         help="知识库名 knowledge base name (default: RAG_KB or 'default')")
     common.add_argument("--home", default=argparse.SUPPRESS,
-                        help="知识库目录 where KBs live (default: RAG_HOME or ./index)")
+                        help="知识库目录 where KBs live (default: RAG_HOME, else <project>/index in a checkout, ./index when installed)")
     parser = argparse.ArgumentParser(prog="rag", description="中文文档问答 · Chinese document QA", parents=[common])
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -172,7 +172,7 @@ def _extra_commands():
     """Sub-commands defined next to the code they run (answer chain, UI, eval, API)."""
     import importlib
 
-    for module_name in ("rag.cli_answer", "rag.cli_serve", "rag.cli_eval", "rag.cli_api"):
+    for module_name in ("rag.cli_answer", "rag.cli_serve", "rag.cli_eval", "rag.cli_api", "rag.cli_mcp"):
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as exc:

@@ -1,4 +1,4 @@
-"""``rag eval QUESTIONS.jsonl``: retrieval (and later answer) evaluation from the command line.
+"""``rag eval QUESTIONS.jsonl``: retrieval and answer evaluation from the command line.
 
 Examples::
 

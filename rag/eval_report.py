@@ -267,7 +267,8 @@ def compare_reports(old_path: Path, new_report: dict, new_records: list[dict] | 
 
 KNOWN_METRICS = {
     "retrieval": [f"hit@{k}" for k in KS] + [f"mrr@{DEPTH}", f"recall@{DEPTH}", f"all_groups@{DEPTH}"],
-    "latency": ["retrieve_p50_ms", "retrieve_p95_ms", "answer_p50_ms", "answer_p95_ms"],
+    "latency": ["retrieve_p50_ms", "retrieve_p95_ms", "answer_p50_ms", "answer_p95_ms", "first_token_p50_ms",
+                "first_token_p95_ms"],
     "answer": ["accuracy", "refusal_rate", "false_refusal_rate", "citation_precision", "unsupported_sentence_rate",
                "n_answered", "errors", "latency_p50_ms", "latency_p95_ms", "first_token_p50_ms", "first_token_p95_ms"],
 }

@@ -39,6 +39,11 @@ _NATIONAL = re.compile(r"我国|全国|中国|国内")
 
 _NATIONAL_FORMS = ("中国", "全国", "我国", "国内", "国家")
 
+# A place followed by an institution is one organisation (湖州学院 is not 湖州师范学院): the
+# evidence must name it whole, not the place and the word 学院 apart.
+_INSTITUTION = re.compile(r"(?:师范|理工|科技|工业|农业|医科|财经|职业技术|职业|技术)?"
+                          r"(?:学院|大学|中学|小学|医院|研究院|研究所|银行|集团)$")
+
 _QUOTED = re.compile(r"[“\"《「『]([^”\"》」』]{2,20})[”\"》」』]")
 
 # Coordination between two constraints of one kind: either may be the one a clause is about.
@@ -152,6 +157,10 @@ def question_frame(question: str) -> QuestionFrame:
         if any(a <= start < b or a < end <= b for a, b in taken):
             continue
         w = word.word.strip()
+        if found and found[-1][3] == "place" and found[-1][1] == start and _INSTITUTION.fullmatch(w):
+            place_start = found.pop()[0]
+            found.append((place_start, end, text[place_start:end], "org"))
+            continue
         kind = "place" if w in place_names() else _ENTITY_TAGS.get(word.flag)
         if kind and kind != "place" and word_frequencies().get(w, 0) >= 1000:
             kind = None  # an everyday word jieba happens to tag as a name (福利, 祖先, 东西)

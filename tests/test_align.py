@@ -96,3 +96,13 @@ def test_follow_up_naming_a_new_place_or_year_becomes_the_previous_question_abou
     assert resolve_followup("那衢州有多少？", "温州招引了多少名归国留学人员?") == "衢州招引了多少名归国留学人员?"
     assert resolve_followup("那2022年呢？", "2021年中国电影市场总票房是多少？") == "2022年中国电影市场总票房是多少？"
     assert resolve_followup("它的部长是谁？", previous) is None  # more than a new name: the LLM rewrites it
+
+
+def test_an_institution_is_named_whole():
+    # 湖州学院 and 湖州师范学院 are two colleges: the place and the word 学院 apart prove nothing.
+    passages = ["湖州师范学院党委委员、统战部部长何小青表示，将把学习贯彻会议精神落到实处。",
+                "湖州学院党委委员、统战部部长施静龙表示，湖州学院统一战线工作将再接再厉。"]
+    question = "湖州学院的统战部部长是谁"
+    assert not verify("湖州学院的统战部部长是何小青[1]。", passages, question=question).used_numbers
+    assert verify("湖州学院的统战部部长是施静龙[2]。", passages, question=question).used_numbers == [2]
+    assert not verify("统战部部长何小青[1]。", passages, question=question).used_numbers
