@@ -55,23 +55,24 @@ def _database_errors(func):
 
 @_database_errors
 def cmd_ingest(args) -> int:
-    from rag.ingest import Ingestor
+    from rag.service import RagService
 
     settings = _settings(args)
     if args.user_dict:
         settings.user_dict = Path(args.user_dict)
-    report = Ingestor(settings).ingest([Path(p) for p in args.paths], prune=args.prune, progress=not args.quiet)
+    report = RagService(settings).ingest(settings.kb, [Path(p) for p in args.paths], prune=args.prune,
+                                         progress=not args.quiet)
     print(report.summary())
     return 0 if report.ok else 1
 
 
 def cmd_search(args) -> int:
     from rag.cli_answer import check_question
-    from rag.retrieve import Searcher
+    from rag.service import RagService
 
     settings = _settings(args)
     check_question(args.query, settings)  # too long: one clear line, exit 2 (before any model loads)
-    searcher = Searcher(settings)
+    searcher = RagService(settings).searcher(settings.kb)
     # A compound question is searched part by part (rag.decompose); --json shows the parts:
     # {"query", "parts", "method", "hits": [... each with "parts": indices into "parts"]}.
     result = searcher.search_parts(args.query, args.k, args.mode)
@@ -119,9 +120,10 @@ def cmd_list(args) -> int:
 
 @_database_errors
 def cmd_remove(args) -> int:
-    from rag.ingest import remove_documents
+    from rag.service import RagService
 
-    missing = remove_documents(_settings(args), args.doc_ids)
+    settings = _settings(args)
+    missing = RagService(settings).remove(settings.kb, args.doc_ids)
     for doc_id in missing:
         print(f"未找到文档 / no such document: {doc_id}", file=sys.stderr)
     removed = len(args.doc_ids) - len(missing)

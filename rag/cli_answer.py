@@ -34,9 +34,9 @@ def _settings_for(args):
 
 
 def _answerer(settings):
-    from rag.answer import Answerer
+    from rag.service import RagService
 
-    return Answerer(settings)
+    return RagService(settings).answerer(settings.kb)
 
 
 def _print_result(result) -> None:

@@ -17,13 +17,15 @@ from pathlib import Path
 from rag.config import IN_CHECKOUT, PROJECT_ROOT
 
 
-def _answer_fn(args, settings, searcher):
-    """The answer step (``rag.answer.make_answer_fn``), or None for retrieval only."""
+def _answer_fn(args, service):
+    """The answer step (``rag.answer.make_answer_fn`` over the service's chain), or None for retrieval only."""
     if args.retrieval_only:
         return None
-    from rag.answer import Answerer, make_answer_fn
+    from rag.answer import make_answer_fn
+    from rag.service import LLMChoice
 
-    return make_answer_fn(Answerer(settings, searcher), args.llm or settings.llm_backend)
+    backend = args.llm or service.settings.llm_backend
+    return make_answer_fn(service.answerer(service.settings.kb, LLMChoice(backend)), backend)
 
 
 def _default_out(args, settings) -> Path:
@@ -68,16 +70,17 @@ def cmd_eval(args) -> int:
             print(f"知识库 KB {info['kb']}: {info['documents']} documents, {info['chunks']} chunks, "
                   f"{info['embedded']} embedded in {info['embed_seconds']:.1f}s", file=sys.stderr)
     out = Path(args.out) if args.out else _default_out(args, settings)
-    from rag.retrieve import Searcher
+    from rag.service import RagService
 
-    searcher = Searcher(settings, embedder=embedder)  # one searcher for retrieval and answers
-    answer_fn = _answer_fn(args, settings, searcher)
+    service = RagService(settings, embedder=embedder)
+    searcher = service.searcher(settings.kb)  # one searcher for retrieval and answers
+    answer_fn = _answer_fn(args, service)
     try:
         report = run_eval(Path(args.questions), settings, out, k=args.k, mode=args.mode, limit=args.limit,
                           answer_fn=answer_fn, searcher=searcher, progress=not args.quiet, fresh=args.fresh,
                           extra_config=extra)
     finally:
-        searcher.close()
+        service.close()
     r, lat = report["retrieval"], report["latency"]
     print(f"{report['n']} questions ({report['n_negative']} unanswerable) · KB {settings.kb} · mode {args.mode}")
     print("  " + " · ".join(f"{key} {value:.3f}" for key, value in r.items() if value is not None))

