@@ -4,6 +4,18 @@ from __future__ import annotations
 import sys
 
 
+def served_names(service, kb: str | None) -> list[str]:
+    """The KBs a server command will serve; ``kb`` (the default one) must exist, and an empty
+    home is said on stderr (the server still starts: KBs may be added later)."""
+    if kb:
+        service.require(kb)  # KnowledgeBaseError: printed by rag.cli as one line
+    names = service.names()
+    if not names:
+        print(f"注意：{service.home} 下还没有知识库，先运行 rag ingest / no knowledge bases under "
+              f"{service.home} yet: run rag ingest", file=sys.stderr)
+    return names
+
+
 def cmd_api(args) -> int:
     import uvicorn
 
@@ -16,13 +28,7 @@ def cmd_api(args) -> int:
     if args.llm:
         settings.llm_backend = args.llm
     check_bind(args.host, settings.api_key)  # ValueError: printed by rag.cli as one line, exit 2
-    service = RagService(settings)
-    if getattr(args, "kb", None):
-        service.require(args.kb)  # KnowledgeBaseError: printed by rag.cli as one line
-    names = service.names()
-    if not names:
-        print(f"注意：{settings.home} 下还没有知识库，先运行 rag ingest / no knowledge bases under "
-              f"{settings.home} yet: run rag ingest", file=sys.stderr)
+    names = served_names(RagService(settings), getattr(args, "kb", None))
     shown = f"[{args.host}]" if ":" in args.host else args.host
     print(f"rag api · http://{shown}:{args.port}/v1 · 模型 models: "
           f"{', '.join(MODEL_PREFIX + n for n in names) or '-'} · 后端 backend: {settings.llm_backend} · "

@@ -85,16 +85,12 @@ def cmd_mcp(args) -> int:
     if http:
         check_bind(args.host, settings.api_key)  # ValueError: printed by rag.cli as one line, exit 2
 
+    from rag.cli_api import served_names
     from rag.mcp_server import create_mcp
     from rag.service import RagService
 
     service = RagService(settings)
-    if getattr(args, "kb", None):
-        service.require(args.kb)  # KnowledgeBaseError: printed by rag.cli as one line
-    names = service.names()
-    if not names:
-        print(f"注意：{settings.home} 下还没有知识库，先运行 rag ingest / no knowledge bases under "
-              f"{settings.home} yet: run rag ingest", file=sys.stderr)
+    names = served_names(service, getattr(args, "kb", None))
     # One plain line per record on stderr (before the SDK's setup, which then keeps it: the SDK
     # would install a rich handler that wraps each record over several 80-column lines in log files).
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,

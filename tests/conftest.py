@@ -61,6 +61,17 @@ def serve_app(app, start_timeout: float = 60, stop_timeout: float = 20):
     assert not thread.is_alive(), "in-process server did not stop"
 
 
+def healthz_while_busy(url: str, what: str):
+    """``GET {url}/healthz`` while ``what`` runs on the server: a timeout means the event loop was
+    blocked (the test fails saying so); returns the response."""
+    import httpx
+
+    try:
+        return httpx.get(f"{url}/healthz", timeout=30)
+    except httpx.TimeoutException:
+        pytest.fail(f"/healthz did not answer while {what}: the event loop was blocked")
+
+
 def without_space(text: str) -> str:
     """``text`` with all whitespace removed (how quotes are compared with chunks)."""
     return re.sub(r"\s+", "", text)

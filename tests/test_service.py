@@ -11,7 +11,7 @@ from rag.answer import REFUSAL, Answerer, make_answer_fn
 from rag.answer_types import Answered, Drafted, Retrieved, Rewritten, Token
 from rag.service import KnowledgeBaseNotFound, LLMChoice, RagService
 from rag.store import KnowledgeBaseError
-from tests.conftest import UI_DOCS, write_ui_docs
+from conftest import UI_DOCS, write_ui_docs
 
 QUESTION = "持有读者证每次最多可以借阅多少册图书？"
 
