@@ -8,7 +8,9 @@ p50/p95 per mode, ingest throughput and peak RSS as a Markdown table (also
 written to ``bench/results.md`` and ``bench/results.json``). A second table compares,
 on the questions ``rag.decompose`` splits (rgb_zh_int, the seeds two-part set), searching
 them as one query with searching them part by part (the default), and gives the latency
-of the single questions beside it.
+of the single questions beside it. A third (sets with evidence groups) bounds recall@10: the gold
+found anywhere in the candidate lists that the merge draws from (the whole question's and each
+part's top n), at most 10 per question — no reordering of those lists can do better.
 
 The raw dense and BM25 rankings (top 100 each) are cached per question under
 ``index/_bench/<kb>/rankings.jsonl`` so fusion variants can be re-scored without
@@ -163,6 +165,8 @@ def bench_set(name: str, settings: Settings, embedder, limit: int | None, progre
                 "p50_ms": round(M.percentile(lat, 50), 2), "p95_ms": round(M.percentile(lat, 95), 2),
             }
         result["compound"] = bench_compound(questions, searcher, judge, records["hybrid"])
+        if has_groups:
+            result["bound"] = recall_bound(questions, searcher, judge)
         identity = {"kb": kb_settings.kb, "generation": searcher.kb.generation, "pipeline": pipeline_fingerprint(),
                     "candidates": CANDIDATES}
         cache_rankings(searcher, questions, ROOT / "index" / "_bench" / kb_settings.kb / "rankings.jsonl", identity)
@@ -218,6 +222,33 @@ def bench_compound(questions, searcher, judge, multi: list[dict]) -> dict:
     return out
 
 
+def recall_bound(questions, searcher, judge, depths=(10, 20, 40)) -> dict:
+    """Upper bounds of hybrid recall@10 given the candidate lists: per question
+    min(10, |gold found in the whole question's and each part's top n|) / |gold|, averaged, for
+    each n in ``depths``; and the bound of the metric itself (min(10, |gold|) / |gold|)."""
+    from rag.decompose import decompose
+    from rag.retrieve import PART_BM25_WEIGHT
+
+    found = {n: [] for n in depths}
+    ceiling = []
+    for q in questions:
+        if q.negative:
+            continue
+        gold = set(q.gold_units)
+        parts = decompose(q.search_query)
+        queries = [q.search_query] + (parts.parts if parts.compound else [])
+        lists = [searcher._search_one(text, max(depths), "hybrid", None, None if i == 0 else PART_BM25_WEIGHT)
+                 for i, text in enumerate(queries)]
+        for n in depths:
+            got = set().union(*[judge.units(q, h.chunk.doc_id, h.chunk.start, h.chunk.end)
+                                for hits in lists for h in hits[:n]])
+            found[n].append(min(10, len(got & gold)) / len(gold))
+        ceiling.append(min(10, len(gold)) / len(gold))
+    out = {f"lists_top{n}": round(M.mean(v), 4) for n, v in found.items()}
+    out["metric_ceiling"] = round(M.mean(ceiling), 4)
+    return out
+
+
 def render(results: list[dict], total_seconds: float, settings: Settings) -> str:
     git = git_revision()
     lines = [
@@ -259,6 +290,18 @@ def render(results: list[dict], total_seconds: float, settings: Settings) -> str
             lines.append(f"| {r['set']} | {c['decomposed']}/{c['questions']} | {label.replace('_', '-')} | "
                          f"{m['hit@1']:.3f} | {m['recall@10']:.3f} | {groups} | {u3} | {u5} | "
                          f"{m['p50_ms']:.1f} | {m['p95_ms']:.1f} | {c.get('single_p50_ms', '–')} |")
+    bounded = [r for r in results if r.get("bound")]
+    if bounded:
+        depths = [key for key in bounded[0]["bound"] if key.startswith("lists_top")]
+        lines += ["", "Bound on hybrid recall@10 (sets with evidence groups): gold found in the candidate lists the"
+                  " merge draws from (whole question + each part, top n), at most 10 per question; and the metric's"
+                  " own ceiling (a question with more than 10 gold passages).", "",
+                  "| set | recall@10 (hybrid) | " + " | ".join(f"lists top {d[9:]}" for d in depths) + " | ceiling |",
+                  "|---|---|" + "---|" * len(depths) + "---|"]
+        for r in bounded:
+            b = r["bound"]
+            lines.append(f"| {r['set']} | {r['modes']['hybrid']['recall@10']:.3f} | "
+                         + " | ".join(f"{b[d]:.3f}" for d in depths) + f" | {b['metric_ceiling']:.3f} |")
     lines += ["", "| set | passages | chunks | embed passages/s | (measured on) | ingest s (this run) | set total s |"
               " peak RSS MB |", "|---|---|---|---|---|---|---|---|"]
     for r in results:

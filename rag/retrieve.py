@@ -9,12 +9,21 @@ is right more often on the name/number questions where dense confuses similar pl
 A question that asks several things (``rag.decompose``: 甲市和乙市…分别…, 主演和导演是谁) is
 searched as a whole and part by part; the lists are merged so that every part keeps its best
 chunks in the top k (``merge_parts``). Single questions take exactly one search, as before.
+
+Measured on rgb_zh_int and left out (recall@10 / all_groups@10; kept: .362 / .75): promoting in
+each part's top 20 the chunks holding the answer most of them agree on (numbers, dates, names
+near the asked-for word) .39–.41 / .69–.74; dense (Rocchio) or BM25 (RM3) feedback from the top
+3–5 ≤ .365 / ≤ .74; MMR over dense vectors for list questions (主演有哪些) .361 / .76, no better than
+reordering them by dense score alone (λ = 1) and −.007 recall@10 on rgb_zh. Recall@10 ≥ .45 is
+out of reach by reordering: the gold in the lists the merge draws from (top 10 of the question
+and of each part) allows .445, top 20 .61 (bench/results.md, "Bound").
 """
 from __future__ import annotations
 
 import re
 import threading
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from typing import Literal
 
 import numpy as np
@@ -31,6 +40,10 @@ from rag.store import KnowledgeBase, KnowledgeBaseError, StoredChunk
 
 Mode = Literal["hybrid", "dense", "bm25"]
 PART_DEPTH = 20  # chunks of each part's ranking that check_part reorders before the merge
+# BM25's weight in a part's own z-score fusion (the whole question keeps ``settings.bm25_weight``).
+# A part is short and names one thing, so its rare words (a year, a name) weigh more in BM25 than
+# in the question. Measured on rgb_zh_int (bench/results.md): 0.55 → 0.45 recall@10 .337 → .358.
+PART_BM25_WEIGHT = 0.45
 
 
 @dataclass
@@ -137,17 +150,25 @@ def merge_parts(whole: list[Hit], per_part: list[list[Hit]], k: int) -> list[Hit
 
 
 def check_part(part: str, hits: list[Hit], depth: int = PART_DEPTH) -> list[Hit]:
-    """Reorder one part's top ``depth`` hits (stable) so that chunks holding an answer of the kind
-    the part asks come first: for an amount, a number in a sentence that names the asked-for thing
-    (``rag.align.target_named``); for a time, a date. Other parts keep the fused order.
+    """Reorder one part's top ``depth`` hits (stable) so that chunks about what the part names
+    come first, then those holding an answer of the kind it asks.
 
-    Measured on rgb_zh_int: hit@5 .88 → .91, recall@10 .332 → .337, all_groups@10 unchanged (.70);
-    no change on the seeds two-part set. Demoting chunks that miss the part's place or year
-    (``rag.align.missing_constraints``) was also measured, +0.02 all_groups@10 on rgb_zh_int, and
-    left out: a seeds chunk that names its city only in the document's heading lost its turn
-    (two-part set, all parts in the top 5: 1.0 → .95). Only compound questions' parts are checked.
+    1. Fewer of the part's constraints missing (its places, years, names, quoted titles:
+       ``rag.align.missing_constraints``), read in the chunk's document title, section heading
+       and text: the part "2021年澳门的GDP增长率" wants 澳门 and 2021年, not a 香港 report. A place
+       counts as missing only when the chunk names another place: a report's paragraph says
+       全县 and names its county in a heading far above (without this rule, seeds two-part set,
+       both parts' quotes in the top 3: 1.0 → .90);
+    2. for an amount, a number in a sentence that names the asked-for thing
+       (``rag.align.target_named``); for a time, a date.
+
+    Measured on rgb_zh_int (bench/results.md): the answer shape alone hit@5 .88 → .91, recall@10
+    .332 → .337; with the constraints first all_groups@10 .72 → .74, recall@10 .358 → .360,
+    hit@5 .91 → .93; seeds two-part set unchanged (1.0). Cost: ~13 ms per two-part seeds question
+    (jieba over 40 chunks), less when the chunks were seen before (``_places_in``). Only compound
+    questions' parts are checked.
     """
-    from rag.align import question_frame, target_named
+    from rag.align import missing_constraints, question_frame, target_named
     from rag.zh import split_sentences
 
     frame = question_frame(part)
@@ -158,10 +179,41 @@ def check_part(part: str, hits: list[Hit], depth: int = PART_DEPTH) -> list[Hit]
         def shaped(text: str) -> bool:
             return bool(_DATE.search(text))
     else:
-        return hits
-    ranked = sorted(enumerate(hits[:depth]), key=lambda item: (not shaped(item[1].chunk.text), item[0]))
-    top = [hit for _, hit in ranked]
-    return top + hits[depth:]
+        def shaped(text: str) -> bool:
+            return True
+
+    places = {c.text for c in frame.constraints if c.kind == "place"}
+    asked = {form for c in frame.constraints if c.kind == "place" for form in c.forms}
+
+    def off(text: str) -> int:
+        """Constraint groups the chunk misses; a place only when the chunk names another one
+        (a report's paragraphs say 全市, 全县 and name their city in a heading far above)."""
+        missing = missing_constraints(frame, text)
+        if missing and places and all(name in asked or core in asked for name, core in _places_in(text)):
+            missing = [m for m in missing if not set(m.split(" / ")) <= places]
+        return len(missing)
+
+    def key(item: tuple[int, Hit]) -> tuple[int, bool, int]:
+        rank, hit = item
+        about = "\n".join(t for t in (hit.chunk.title, hit.chunk.section, hit.chunk.text) if t)
+        return off(about), not shaped(hit.chunk.text), rank
+
+    ranked = sorted(enumerate(hits[:depth]), key=key)
+    return [hit for _, hit in ranked] + hits[depth:]
+
+
+@lru_cache(maxsize=4096)
+def _places_in(text: str) -> frozenset[tuple[str, str]]:
+    """The place names ``text`` mentions (normalised, and without 市/县/…): as
+    ``rag.places.names_other_place`` reads them, but without jieba's HMM (every place name is a
+    dictionary word of ``pos_tagger``; the HMM, for unknown words, took 90% of the time), and
+    remembered: the parts of one question and the next questions meet the same chunks."""
+    from rag.places import PLACE_SUFFIX, place_names, pos_tagger
+    from rag.zh import normalise, simplified
+
+    names = place_names()
+    return frozenset((normalise(w.word), PLACE_SUFFIX.sub("", normalise(w.word)))
+                     for w in pos_tagger().cut(simplified(text), HMM=False) if w.flag == "ns" and w.word in names)
 
 
 _DIGIT = re.compile(r"\d")
@@ -312,19 +364,23 @@ class Searcher:
         queries = [query, *parts.parts]
         vectors = self.embedder.embed_queries(queries) if mode != "bm25" else [None] * len(queries)
         depth = max(k, PART_DEPTH)
-        lists = [self._search_one(q, depth, mode, vector) for q, vector in zip(queries, vectors)]
+        lists = [self._search_one(q, depth, mode, vector, None if i == 0 else PART_BM25_WEIGHT)
+                 for i, (q, vector) in enumerate(zip(queries, vectors))]
         per_part = [check_part(part, hits, depth) for part, hits in zip(parts.parts, lists[1:])]
         return Retrieval(query, parts.parts, merge_parts(lists[0], per_part, k), parts.method)
 
-    def _search_one(self, query: str, k: int, mode: Mode, vector: np.ndarray | None = None) -> list[Hit]:
-        """Top ``k`` chunks for one query: both channels, fused, optionally reranked."""
+    def _search_one(self, query: str, k: int, mode: Mode, vector: np.ndarray | None = None,
+                    bm25_weight: float | None = None) -> list[Hit]:
+        """Top ``k`` chunks for one query: both channels, fused, optionally reranked.
+        ``bm25_weight``: BM25's z-score fusion weight (default ``settings.bm25_weight``)."""
         n = max(self.settings.candidates, k)
         dense_ids, dense_scores = self.dense_ranking(query, n, vector) if mode != "bm25" else ([], [])
         bm25_ids, bm25_scores = self.bm25_ranking(query, n) if mode != "dense" else ([], [])
         if self.settings.fusion == "rrf":
             fused = fuse(dense_ids, bm25_ids, self.settings.rrf_k)
         else:
-            fused = fuse_scores(dense_ids, dense_scores, bm25_ids, bm25_scores, self.settings.bm25_weight)
+            weight = self.settings.bm25_weight if bm25_weight is None else bm25_weight
+            fused = fuse_scores(dense_ids, dense_scores, bm25_ids, bm25_scores, weight)
         depth = max(k, 20) if self._reranker else k
         fused = fused[:depth]
         chunks = self.kb.chunks([cid for cid, _ in fused])

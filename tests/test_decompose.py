@@ -36,6 +36,8 @@ COMPOUND = [
      ["宁波首批有多少名轮值村主任", "荆门市形成了多少个基层统战品牌"]),
     ("分别有多少个国家和地区参加了北京冬奥会和杭州亚运会？",  # 国家和地区 is one counted kind
      ["有多少个国家和地区参加了北京冬奥会", "有多少个国家和地区参加了杭州亚运会"]),
+    ("布林肯和耶伦访华时间", ["布林肯访华时间", "耶伦访华时间"]),  # jieba: 布|林肯|和耶伦
+    ("美团2022年前两季度营收分别是多少？", ["美团2022年一季度营收是多少", "美团2022年二季度营收是多少"]),
 ]
 
 SINGLE = [
@@ -54,6 +56,9 @@ SINGLE = [
     "舟山统战共富集群累计引导社会资本、聚合共富基金多少?",
     "哪一种化学物质因气味接近食用酒精，故有些业者拿来制作假酒?",  # the second clause goes on
     "穆斯林和印度教徒构成的士兵为何拒绝使用新步枪?",  # why: one reason
+    "2023年前三季度中国GDP增长了多少？",  # without 分别: the cumulative figure
+    "前三季度各地GDP分别是多少？",  # 分别 goes with 各地, not the quarters
+    "克特萨尔科瓦特尔、羽蛇神是什么神话中最重要的神祇的其中一位？",  # one god's two names (科|瓦特|尔 not mended)
 ]
 
 
@@ -106,6 +111,20 @@ def test_merge_gives_every_part_its_best_chunks_near_the_top():
     # fewer part chunks than k: the whole question's list fills the rest, serving no part
     filled = merge_parts([_hit(i) for i in (1, 7)], [[_hit(1)], [_hit(9)]], 4)
     assert [h.chunk.id for h in filled] == [1, 9, 7] and filled[-1].parts == []
+
+
+def test_check_part_puts_chunks_about_the_part_first_and_keeps_unlocated_paragraphs():
+    """A chunk about another place goes down; a paragraph that names no place (全市…, its city in a
+    heading far above) keeps its turn; among the rest, the one with a number for the target first."""
+    from rag.retrieve import Hit, check_part
+    from rag.store import StoredChunk
+
+    texts = ["香港2021年本地生产总值同比上升6.4%。", "全市2021年经济稳步恢复，GDP增长率为18.0%。",
+             "2021年澳门经济有所改善，旅游业逐步恢复。", "澳门2021年GDP增长率为18.0%，人均GDP为350445元。"]
+    hits = [Hit(StoredChunk(t, "", 0, len(t), None, 10, id=i, doc_id=f"d{i}.txt", title="", source="", ord=0), 1.0)
+            for i, t in enumerate(texts)]
+    ranked = [h.chunk.id for h in check_part("2021年澳门的GDP增长率是多少", hits)]
+    assert ranked == [1, 3, 2, 0]
 
 
 # ---------------------------------------------------------------------------- real retrieval
