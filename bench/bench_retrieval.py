@@ -82,11 +82,10 @@ def sample_throughput(kb_settings: Settings, embedder, n: int = 64) -> float:
 
     kb = KnowledgeBase(kb_settings.kb_dir)
     try:
-        rows = kb.db.execute("SELECT c.text, d.title FROM chunks c JOIN documents d ON d.doc_id = c.doc_id "
-                             "ORDER BY c.id LIMIT ?", (n,)).fetchall()
+        chunks = kb.chunks(list(range(1, n + 1)))  # the first n chunk rows (ids count from 1 in a built KB)
     finally:
         kb.close()
-    texts = [f"{title}\n{text}" if title else text for text, title in rows]
+    texts = [f"{c.title}\n{c.text}" if c.title else c.text for _, c in sorted(chunks.items())]
     started = time.perf_counter()
     for i in range(0, len(texts), kb_settings.embed_batch_size):
         embedder.embed_passages(texts[i:i + kb_settings.embed_batch_size])

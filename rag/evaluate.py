@@ -26,7 +26,7 @@ from rag.eval_report import (  # noqa: F401 (re-exported)
     worst_misses, write_report)
 
 # Sources whose change alters chunk boundaries or BM25 tokens of an evaluation KB.
-PIPELINE_FILES = ("load.py", "clean.py", "split.py", "tokens.py", "lexical.py")
+PIPELINE_FILES = ("load.py", "clean.py", "split.py", "tokens.py", "lexical.py", "zh.py")
 
 
 # ----------------------------------------------------------------------------- knowledge bases

@@ -60,6 +60,7 @@ def _sections(clean: CleanText) -> list[tuple[str, int, int]]:
         pos += len(para) + 2
     sections: list[tuple[str, int, int]] = []
     md_path: list[tuple[int, str]] = []  # (level, heading) stack for Markdown
+    named = ""  # the open "宁波:…" section: a plain title line below it is its subsection
     current_name, current_start = "", 0
 
     def close(at: int) -> None:
@@ -72,11 +73,14 @@ def _sections(clean: CleanText) -> list[tuple[str, int, int]]:
         if md:
             level, heading = len(md.group(1)), md.group(2).strip()
             md_path = [(lv, h) for lv, h in md_path if lv < level] + [(level, heading)]
-            name = " > ".join(h for _, h in md_path)
-        elif is_heading_line(para) and (
-            _NAMED_SECTION.match(para) or (next_para and not is_heading_line(next_para))
-        ):
-            name = " > ".join([h for _, h in md_path] + [para.strip()])
+            name, named = " > ".join(h for _, h in md_path), ""
+        elif is_heading_line(para) and _NAMED_SECTION.match(para):
+            named = para.strip()
+            name = " > ".join([h for _, h in md_path] + [named])
+        elif is_heading_line(para) and next_para and not is_heading_line(next_para):
+            # "“初心之旅”多党合作精品研学线路" under "金华:…" is about 金华: keep the city in the path.
+            name = " > ".join([h for _, h in md_path] + [named, para.strip()] if named else
+                              [h for _, h in md_path] + [para.strip()])
         else:
             continue
         close(start)

@@ -154,6 +154,22 @@ def test_markdown_headings_become_section_paths(tmp_path):
     assert "文泉驿" in by_section["安装指南 > 常见问题"]
 
 
+def test_a_title_line_inside_a_city_section_keeps_the_city():
+    # News reports: "金华:…" opens a city's part, a title line inside it names a sub-topic. The
+    # sub-topic's passages are still about 金华 (the verifier reads the section path as context).
+    original = ("金华:“初心强化”凝聚多党合作最大公约数\n\n金华市委统战部积极推进多党合作工作。\n\n"
+                "“初心之旅”多党合作精品研学线路\n\n累计已开展教学活动700余场。\n\n"
+                "衢州:青年为媒 汇聚同心奋进新力量\n\n衢州组建98支宣讲队。\n")
+    doc = RawDocument(doc_id="n.txt", title="报道", text=original, source="n.txt")
+    chunks = split_document(doc, clean_text(original), chunk_tokens=60, overlap_tokens=0)
+
+    def section_of(fact: str) -> str:
+        return next(c.section for c in chunks if fact in c.text)
+
+    assert section_of("700余场") == "金华:“初心强化”凝聚多党合作最大公约数 > “初心之旅”多党合作精品研学线路"
+    assert section_of("98支") == "衢州:青年为媒 汇聚同心奋进新力量"
+
+
 def test_docx_headings_become_sections(tmp_path):
     import docx
 
