@@ -174,7 +174,8 @@ def _extra_commands():
     """Sub-commands defined next to the code they run (answer chain, UI, eval, API)."""
     import importlib
 
-    for module_name in ("rag.cli_answer", "rag.cli_serve", "rag.cli_eval", "rag.cli_api", "rag.cli_mcp"):
+    for module_name in ("rag.cli_answer", "rag.cli_serve", "rag.cli_eval", "rag.cli_api", "rag.cli_mcp",
+                        "rag.cli_migrate"):
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as exc:

@@ -86,6 +86,12 @@ class Settings(BaseSettings):
     # the lock file (index/<kb>/write.lock), saying so, then fails with a clear message.
     write_lock_timeout: float = 600.0
 
+    # Where a new KB's dense + BM25 index lives (docs/milvus.md): FAISS/bm25s files, or a Milvus
+    # collection; milvus_uri: a .db path (milvus-lite, default <kb_dir>/milvus.db) or http(s)://host:19530.
+    store: Literal["faiss", "milvus"] = "faiss"
+    milvus_uri: str | None = None
+    milvus_token: str | None = None
+
     @property
     def kb_dir(self) -> Path:
         return Path(self.home) / self.kb

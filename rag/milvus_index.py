@@ -283,55 +283,57 @@ class MilvusIndex:
     # ------------------------------------------------------------------ writes
     def upsert_document(self, doc_id: str, chunks: list[dict], vectors: np.ndarray,
                         generation: int | None = None) -> int:
-        """Replace one document's chunks atomically (see :meth:`upsert_documents`).
-
-        Args:
-            doc_id: the document id.
-            chunks: its chunks (see :meth:`upsert_documents`).
-            vectors: one normalised vector per chunk, shape ``(len(chunks), dim)``.
-            generation: the generation to commit (default ``G + 1``).
-
-        Returns:
-            The committed generation.
-        """
+        """Replace one document's chunks atomically (see :meth:`upsert_documents`); returns the
+        committed generation."""
         return self.upsert_documents([(doc_id, chunks, vectors)], generation)
 
-    def upsert_documents(self, documents: list[tuple[str, list[dict], np.ndarray]],
-                         generation: int | None = None, delete: Iterable[str] = ()) -> int:
+    def upsert_documents(self, documents: Iterable[tuple[str, list[dict], np.ndarray]],
+                         generation: int | None = None, delete: Iterable[str] = (), commit: bool = True) -> int:
         """Replace (or add) documents and delete others, all visible at one commit.
 
         Args:
-            documents: ``(doc_id, chunks, vectors)``; a chunk is a dict with ``chunk_id`` (int,
-                unique in the KB) and ``text``, and optionally ``title``, ``section``, ``source``,
-                ``page`` (None = -1), ``start``, ``end``, ``ord``, ``tokens``, ``content_hash``,
-                ``lexical`` (BM25 tokens, ``tokens`` mode) and ``indexed_text`` (what BM25 reads in
-                ``jieba`` mode, and what is tokenised when ``lexical`` is missing; default ``text``).
+            documents: ``(doc_id, chunks, vectors)``, read lazily (rows go out in batches); a chunk
+                is a dict with ``chunk_id`` (int, unique in the KB) and ``text``, and optionally
+                ``title``, ``section``, ``source``, ``page`` (None = -1), ``start``, ``end``, ``ord``,
+                ``tokens``, ``content_hash``, ``lexical`` (BM25 tokens, ``tokens`` mode) and
+                ``indexed_text`` (what BM25 reads in ``jieba`` mode, and what is tokenised when
+                ``lexical`` is missing; default ``text``).
             generation: the generation to commit; must exceed the committed one (default ``G + 1``).
             delete: ids of documents to remove in the same commit.
+            commit: False stops after steps 1-2 (written, not visible at ``G``); the caller then
+                commits with :meth:`commit` (or a reader passes the generation explicitly).
 
         Returns:
-            The committed generation.
+            The generation written (committed unless ``commit`` is False).
         """
         self.repair()
         g = self.committed_generation()
         n = g + 1 if generation is None else int(generation)
         if n <= g:
             raise ValueError(f"generation {n} is not above the committed generation {g}")
-        rows = []
+        rows, ids = [], list(delete)
         for doc_id, chunks, vectors in documents:
+            ids.append(doc_id)
             vectors = np.asarray(vectors, dtype=np.float32).reshape(len(chunks), -1) if chunks else vectors
             if chunks and vectors.shape[1] != self.dim:
                 raise MilvusIndexError(f"vectors have {vectors.shape[1]} dimensions, the collection {self.dim}")
             rows.extend(self._row(doc_id, c, v, n) for c, v in zip(chunks, vectors))
-        for i in range(0, len(rows), BATCH):
-            self.client.insert(self.collection, rows[i:i + BATCH])
-        ids = [d for d, _, _ in documents] + list(delete)
+            while len(rows) >= BATCH:
+                self.client.insert(self.collection, rows[:BATCH])
+                del rows[:BATCH]
+        if rows:
+            self.client.insert(self.collection, rows)
         for i in range(0, len(ids), 200):
             names = ", ".join(quote(d) for d in ids[i:i + 200])
             self._set_gen_end(f"doc_id in [{names}] and gen <= {g} and gen_end == {LIVE}", n)
-        self._commit(n)
-        self._delete(f"gen_end >= 0 and gen_end <= {n}")
+        if commit:
+            self.commit(n)
         return n
+
+    def commit(self, generation: int) -> None:
+        """Steps 3-4: make ``generation`` the committed one, then purge the rows it retired."""
+        self._commit(generation)
+        self._delete(f"gen_end >= 0 and gen_end <= {int(generation)}")
 
     def _row(self, doc_id: str, chunk: dict, vector: np.ndarray, generation: int) -> dict:
         indexed = chunk.get("indexed_text") or chunk["text"]
@@ -354,14 +356,8 @@ class MilvusIndex:
         return row
 
     def delete_document(self, doc_id: str) -> int:
-        """Remove a document (committed as one generation, then purged from Milvus).
-
-        Args:
-            doc_id: the document id.
-
-        Returns:
-            How many chunks it had (0 when unknown).
-        """
+        """Remove a document ``doc_id`` (committed as one generation, then purged from Milvus);
+        returns how many chunks it had (0 when unknown)."""
         had = self.count(f"doc_id == {quote(doc_id)}")
         if had:
             self.upsert_documents([], delete=[doc_id])
@@ -391,8 +387,8 @@ class MilvusIndex:
                                  filter=self._visible(generation, filter), output_fields=["chunk_id"])
         return [(int(h["entity"]["chunk_id"]), float(h["distance"])) for h in res[0]]
 
-    def bm25_search(self, text: str, k: int, filter: str | None = None,
-                    generation: int | None = None) -> list[tuple[int, float]]:
+    def bm25_search(self, text: str, k: int, filter: str | None = None, generation: int | None = None,
+                    tokens: list[str] | None = None) -> list[tuple[int, float]]:
         """Best BM25 chunks for a query, best first (only chunks sharing a term).
 
         Args:
@@ -400,11 +396,15 @@ class MilvusIndex:
             k: how many.
             filter: an extra Milvus filter expression.
             generation: the snapshot to read (default: the committed one, read now).
+            tokens: the query's BM25 tokens, already made (``tokens`` mode; ``text`` is then unused).
 
         Returns:
             ``(chunk_id, score)`` pairs; scores as bm25s's (milvus-lite reports BM25 negated).
         """
-        query = encode_tokens(self.tokenize(text)) if self.lexical == "tokens" else text
+        if self.lexical == "tokens":
+            query = encode_tokens(self.tokenize(text) if tokens is None else tokens)
+        else:
+            query = text
         if not query.strip():
             return []
         res = self.client.search(self.collection, data=[query], anns_field="sparse", limit=k,

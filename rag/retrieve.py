@@ -36,6 +36,7 @@ from rag.config import Settings
 from rag.decompose import Decomposition, decompose
 from rag.embed import make_embedder
 from rag.lexical import tokenizer_for
+from rag.milvus_search import MilvusChannels, milvus_channels
 from rag.store import KnowledgeBase, KnowledgeBaseError, StoredChunk
 
 Mode = Literal["hybrid", "dense", "bm25"]
@@ -306,13 +307,16 @@ class Searcher:
                 self._check_embedder()
                 self.tokenizer = tokenizer_for(self.kb, self.settings)
             if self._indexes is None or self._indexes.generation != self.kb.generation:
-                self._indexes = self.kb.load_indexes()
+                # a Milvus KB: its collection's channels (rag.milvus_search); else the FAISS/bm25s files
+                self._indexes = milvus_channels(self.kb, self.settings, self._indexes) or self.kb.load_indexes()
                 self.tokenizer = tokenizer_for(self.kb, self.settings)
             return self._indexes
 
     def dense_ranking(self, query: str, n: int, vector: np.ndarray | None = None) -> tuple[list[int], list[float]]:
         """Dense top ``n`` (chunk ids, cosine scores); ``vector``: the query's embedding if known."""
         idx = self._current()
+        if isinstance(idx, MilvusChannels):  # the same (ids, scores) from the KB's Milvus collection
+            return idx.dense_ranking(query, n, vector, self.embedder)
         if idx is None or idx.dense.ntotal == 0:
             return [], []
         if vector is None:
@@ -324,6 +328,8 @@ class Searcher:
 
     def bm25_ranking(self, query: str, n: int) -> tuple[list[int], list[float]]:
         idx = self._current()
+        if isinstance(idx, MilvusChannels):
+            return idx.bm25_ranking(self.tokenizer.tokenize(query), n)
         if idx is None or idx.bm25 is None:
             return [], []
         token_ids = idx.bm25.get_tokens_ids(self.tokenizer.tokenize(query))
@@ -401,6 +407,8 @@ class Searcher:
         return hits[:k]
 
     def close(self) -> None:
+        if isinstance(self._indexes, MilvusChannels):
+            self._indexes.close()
         self.kb.close()
 
 

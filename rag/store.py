@@ -6,13 +6,14 @@ Layout of ``<home>/<kb>/``::
     gen-<N>/       derived indexes of generation N: dense.faiss, bm25 (bm25s), rows.npy
 
 SQLite is the source of truth; the FAISS and BM25 files are rebuilt from it and
-belong to a numbered generation. A write goes: new generation directory written
+belong to a numbered generation (a Milvus KB syncs a collection instead:
+``rag.store_milvus``). A write goes: new generation directory written
 and fsynced under a temporary name, renamed, then the generation number is
 committed in the same SQLite transaction as the rows. A crash at any point
 leaves either the old or the new generation complete. Nothing is ever
 unpickled: FAISS's own format, ``np.load(allow_pickle=False)``, JSON and SQLite.
 All SQL lives here and in ``store_transaction`` / ``store_schema`` (the versioned schema:
-an older KB is migrated when opened, a newer one refused).
+an older KB is migrated when opened, a newer one refused) / ``store_milvus`` (its reads).
 
 One writer at a time per KB, across processes: ``write.lock`` (filelock) is held by
 every ingest, removal and reindex (``KnowledgeBase.write_lock``); a second writer says
@@ -41,6 +42,7 @@ import numpy as np
 
 from rag.split import Chunk
 from rag.index_files import Indexes, clear_leftovers, read_generation, remove_older_generations, write_generation
+from rag.store_milvus import finish_milvus, sync_milvus
 from rag.store_schema import SCHEMA_VERSION, WRITER_TABLES, ensure_schema, schema_version  # noqa: F401 (re-exported)
 from rag.store_transaction import KnowledgeBaseTransaction, get_meta, set_meta, stored_user_words
 from rag.writers import HOST, LockReportingConnection, default_lock_timeout, writer_alive
@@ -344,6 +346,7 @@ class KnowledgeBase:
                     db.execute("DELETE FROM vectors WHERE content_hash NOT IN (SELECT content_hash FROM chunks) "
                                "AND content_hash NOT IN (SELECT content_hash FROM vector_claims)")
             if tx.changed:
+                finish_milvus(self)  # a Milvus KB: commit there too, purge what it replaced
                 self._checkpoint()
                 self.remove_stale_generations(below=new_generation)
 
@@ -389,6 +392,8 @@ class KnowledgeBase:
             self.db.execute(f"PRAGMA busy_timeout = {int(self.lock_timeout * 1000)}")
 
     def _build_indexes(self, generation: int) -> None:
+        if sync_milvus(self, generation):  # the KB's index is a Milvus collection: no files
+            return
         rows = self.db.execute(
             "SELECT c.id, c.lexical, v.vector FROM chunks c JOIN vectors v ON v.content_hash = c.content_hash "
             "ORDER BY c.id"
