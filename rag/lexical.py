@@ -30,7 +30,6 @@ import jieba
 from rag.config import DEFAULT_HOME
 
 if TYPE_CHECKING:  # rag.store is not imported at run time: the tokeniser needs no database
-    from rag.config import Settings
     from rag.store import KnowledgeBase
 
 # Codes and numbers: ``ppr-9087``, ``a1b2``, ``1.57``. The ``(?<![a-z])`` guards change no
@@ -143,14 +142,12 @@ class LexicalTokenizer:
         return tokens
 
 
-def tokenizer_for(kb: "KnowledgeBase", settings: "Settings | None" = None) -> LexicalTokenizer:
+def tokenizer_for(kb: "KnowledgeBase") -> LexicalTokenizer:
     """The BM25 tokeniser of a KB: with the user words stored in it (by its ingests), so
     query time tokenises exactly like index time.
 
     Args:
-        kb: the open knowledge base.
-        settings: unused (the words come from the KB, not from ``settings.user_dict``);
-            accepted so existing callers keep working.
+        kb: the open knowledge base (its words, not ``settings.user_dict``, decide).
     """
     tokenizer = LexicalTokenizer()
     tokenizer.add_words(kb.user_words())

@@ -283,7 +283,7 @@ class Searcher:
         except BaseException:
             self.kb.close()
             raise
-        self.tokenizer = tokenizer_for(self.kb, settings)
+        self.tokenizer = tokenizer_for(self.kb)
         self._indexes = None
         self._lock = threading.Lock()
         self._reranker = None
@@ -305,11 +305,11 @@ class Searcher:
             if self.kb.refresh():  # the KB on disk is a new one: nothing loaded from the old one is valid
                 self._indexes = None
                 self._check_embedder()
-                self.tokenizer = tokenizer_for(self.kb, self.settings)
+                self.tokenizer = tokenizer_for(self.kb)
             if self._indexes is None or self._indexes.generation != self.kb.generation:
                 # a Milvus KB: its collection's channels (rag.milvus_search); else the FAISS/bm25s files
                 self._indexes = milvus_channels(self.kb, self.settings, self._indexes) or self.kb.load_indexes()
-                self.tokenizer = tokenizer_for(self.kb, self.settings)
+                self.tokenizer = tokenizer_for(self.kb)
             return self._indexes
 
     def dense_ranking(self, query: str, n: int, vector: np.ndarray | None = None) -> tuple[list[int], list[float]]:
