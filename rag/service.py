@@ -26,6 +26,7 @@ from pathlib import Path
 from rag.answer import Answerer
 from rag.config import Settings
 from rag.embed import make_embedder
+from rag.feedback import FeedbackEntry, FeedbackLog
 from rag.ingest import IngestReport, Ingestor, remove_documents
 from rag.load import SUPPORTED_SUFFIXES
 from rag.netguard import check_bind  # noqa: F401 (front ends take the network rules from here)
@@ -270,6 +271,20 @@ class RagService:
         kb = self.check_name(kb)
         with self._write_lock(kb):
             return remove_documents(self.settings_for(kb), doc_ids)
+
+    def add_feedback(self, kb: str, entry: FeedbackEntry) -> int:
+        """Store a vote on an answer of KB ``kb`` (``KnowledgeBaseNotFound`` when it does not
+        exist); returns its id. A short SQLite write: it does not wait for a running ingest, only
+        (at most a minute) for another writer's commit."""
+        kb = self.require(kb)
+        with closing(KnowledgeBase(self.home / kb, lock_timeout=min(self.settings.write_lock_timeout, 60.0))) as store:
+            return FeedbackLog(store).add(entry)
+
+    def feedback(self, kb: str) -> list[FeedbackEntry]:
+        """The feedback stored in KB ``kb``, oldest first."""
+        kb = self.require(kb)
+        with closing(KnowledgeBase(self.home / kb)) as store:
+            return FeedbackLog(store).entries()
 
     def reindex(self, kb: str) -> int:
         """Rebuild the derived FAISS/BM25 indexes from SQLite as a new generation.

@@ -13,7 +13,7 @@ committed in the same SQLite transaction as the rows. A crash at any point
 leaves either the old or the new generation complete. Nothing is ever
 unpickled: FAISS's own format, ``np.load(allow_pickle=False)``, JSON and SQLite.
 All SQL lives here and in ``store_transaction`` / ``store_schema`` (the versioned schema:
-an older KB is migrated when opened, a newer one refused) / ``store_milvus`` (its reads).
+an older KB is migrated when opened, a newer one refused) / ``store_milvus`` (its reads) / ``feedback``.
 
 One writer at a time per KB, across processes: ``write.lock`` (filelock) is held by
 every ingest, removal and reindex (``KnowledgeBase.write_lock``); a second writer says

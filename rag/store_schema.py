@@ -7,7 +7,8 @@ old version whole. A KB stamped newer than ``SCHEMA_VERSION`` is refused: this c
 misread or damage what a newer version wrote.
 
 Version 0 is a new, empty file or a KB made before the schema had a version; the latter has
-exactly version 1's tables, so its 0 → 1 step creates nothing and only stamps it.
+exactly version 1's tables, so its 0 → 1 step creates nothing and only stamps it. Version 2
+adds the ``feedback`` table; a new file goes through every step, so it has it too.
 
 To change the schema: append a migration, bump ``SCHEMA_VERSION``, and never edit an
 existing step (KBs on disk went through it as it was).
@@ -19,7 +20,7 @@ from typing import Callable
 
 from rag.writers import KnowledgeBaseError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # Version 1: the source of truth. ``IF NOT EXISTS``: a KB made before the version stamp has them.
 TABLES_V1 = (
@@ -57,8 +58,28 @@ def _v0_to_v1(db: sqlite3.Connection) -> None:
         db.execute(statement)  # one by one: executescript would commit the migration's transaction
 
 
+# Version 2: answer feedback (``rag.feedback``). ``citations`` is a JSON list of
+# ``{number, doc_id, quote}``; a removed document takes the feedback citing it along
+# (``KnowledgeBaseTransaction.delete_document``). AUTOINCREMENT: an id is never reused, so
+# exported question ids (``feedback-<id>``) stay stable.
+TABLES_V2 = (
+    """CREATE TABLE IF NOT EXISTS feedback (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, created_at REAL NOT NULL,
+    question TEXT NOT NULL, query TEXT NOT NULL, answer TEXT NOT NULL, citations TEXT NOT NULL,
+    backend TEXT NOT NULL, refused INTEGER NOT NULL DEFAULT 0,
+    vote INTEGER NOT NULL CHECK (vote IN (1, -1)), comment TEXT NOT NULL DEFAULT '',
+    correction TEXT NOT NULL DEFAULT '', should_refuse INTEGER NOT NULL DEFAULT 0 CHECK (should_refuse IN (0, 1)))""",
+)
+
+
+def _v1_to_v2(db: sqlite3.Connection) -> None:
+    """Add the feedback table (``IF NOT EXISTS``: a current KB re-stamped 0 still has it)."""
+    for statement in TABLES_V2:
+        db.execute(statement)
+
+
 # MIGRATIONS[n] takes a version-n database to version n + 1.
-MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_v0_to_v1,)
+MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_v0_to_v1, _v1_to_v2)
 assert len(MIGRATIONS) == SCHEMA_VERSION, "one migration per schema version"
 
 

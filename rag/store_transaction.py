@@ -7,6 +7,8 @@ import json
 import sqlite3
 import time
 
+from rag.feedback import drop_feedback_citing, rename_feedback_doc
+
 
 def get_meta(db: sqlite3.Connection, key: str, default: str | None = None) -> str | None:
     """One value of the KB's ``meta`` table.
@@ -74,7 +76,14 @@ class KnowledgeBaseTransaction:
         return True
 
     def delete_document(self, doc_id: str) -> bool:
-        """Remove a document and all its chunks. Returns whether it existed."""
+        """Remove a document, its chunks and the feedback citing it. Returns whether it existed."""
+        removed = self._delete_rows(doc_id)
+        if removed:
+            drop_feedback_citing(self.db, doc_id)
+        return removed
+
+    def _delete_rows(self, doc_id: str) -> bool:
+        # A replaced document (put_document) keeps its feedback; only a removal drops it.
         self.db.execute("DELETE FROM chunks WHERE doc_id=?", (doc_id,))
         removed = self.db.execute("DELETE FROM documents WHERE doc_id=?", (doc_id,)).rowcount > 0
         self.changed |= removed
@@ -94,6 +103,7 @@ class KnowledgeBaseTransaction:
             return False
         self.db.execute("UPDATE chunks SET doc_id=? WHERE doc_id=?", (new, old))
         self.db.execute("DELETE FROM documents WHERE doc_id=?", (old,))
+        rename_feedback_doc(self.db, old, new)
         return True
 
     def put_document(self, doc, chunks, hashes: list[str], lexical: list[list[str]]) -> None:
@@ -105,7 +115,7 @@ class KnowledgeBaseTransaction:
             hashes: content hash per chunk (keys into the vector cache).
             lexical: BM25 tokens per chunk.
         """
-        self.delete_document(doc.doc_id)
+        self._delete_rows(doc.doc_id)
         self.db.execute(
             "INSERT INTO documents(doc_id, title, source, content_hash, text, page_starts, added_at) "
             "VALUES (?, ?, ?, ?, ?, ?, ?)",

@@ -10,6 +10,8 @@ Endpoints (everything under ``/v1`` needs ``Authorization: Bearer <RAG_API_KEY>`
 - ``POST /v1/search``: ``{"query", "kb"?, "k"?, "mode"?}`` → hits with per-channel ranks and scores.
 - ``POST /v1/embeddings``: OpenAI shape, computed by the knowledge base's embedder. Extension:
   ``input_type`` = ``"passage"`` (default) or ``"query"`` (e5 models embed the two differently).
+- ``POST /v1/feedback``: 👍/👎 on an answer (with a comment, a correction or "should have refused"),
+  stored in the KB (``rag.feedback``; ``rag feedback export`` turns it into an eval set).
 - ``GET /healthz`` (no auth), ``GET /docs`` (OpenAPI UI).
 
 Extra fields of a chat completion (the last chunk of a stream carries them too; clients that

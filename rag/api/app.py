@@ -15,6 +15,7 @@ from starlette.middleware.cors import CORSMiddleware
 
 from rag.answer import Answerer
 from rag.api.chat import chat_routes, slot
+from rag.api.feedback import feedback_routes
 from rag.api.guard import Gate, Guard
 from rag.api.wire import ApiError, EmbeddingRequest, SearchRequest, bad_request, install_error_handlers
 from rag.config import Settings
@@ -199,6 +200,7 @@ def create_app(settings: Settings, *, concurrency: int | None = None, queue_size
     chat_routes(app, ctx, auth)
     _retrieval_routes(app, ctx, auth)
     _info_routes(app, ctx, auth)
+    feedback_routes(app, ctx, auth)
     app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes or settings.max_request_bytes)
     # Outside the Guard, so a browser's preflight (which never carries the key) is answered. Without
     # a key only local apps may read responses, not a web page; with a key any origin may try.
