@@ -112,6 +112,17 @@ class FeedbackEntry:
                    backend=result.backend, refused=result.refused, comment=comment, correction=correction,
                    should_refuse=should_refuse)
 
+    @classmethod
+    def from_record(cls, record: dict, vote, comment: str = "", correction: str = "",
+                    should_refuse: bool = False) -> FeedbackEntry:
+        """The feedback on an answer kept as ``AnswerResult.to_dict()`` (the web UI's turns)."""
+        return cls(question=str(record.get("question") or ""), answer=str(record.get("answer") or ""), vote=vote,
+                   query=str(record.get("query") or ""),
+                   citations=[FeedbackCitation(int(c["number"]), str(c["doc_id"]), str(c.get("quote") or ""))
+                              for c in record.get("citations") or []],
+                   backend=str(record.get("backend") or ""), refused=bool(record.get("refused")),
+                   comment=comment, correction=correction, should_refuse=should_refuse)
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -134,14 +145,24 @@ class FeedbackLog:
         self.kb = kb
 
     def add(self, entry: FeedbackEntry) -> int:
-        """Store ``entry``; returns its id (also set on ``entry``, with ``created_at``)."""
+        """Store ``entry``; returns its id (also set on ``entry``, with ``created_at``).
+
+        An entry whose ``id`` is set replaces the stored entry with that id (the web UI's second
+        vote, or its comment / correction, on an answer it already voted on); when that entry
+        is gone (its document was removed) a new one is stored, with a new id.
+        """
         entry.created_at = entry.created_at or time.time()
         citations = json.dumps([asdict(c) for c in entry.citations], ensure_ascii=False)
+        values = (entry.created_at, entry.question, entry.query, entry.answer, citations, entry.backend,
+                  int(entry.refused), entry.vote, entry.comment, entry.correction, int(entry.should_refuse))
         with self.kb._write() as db:  # BEGIN IMMEDIATE … COMMIT, rolled back on error
+            if entry.id is not None and db.execute(
+                    f"UPDATE feedback SET {', '.join(f'{c}=?' for c in _COLUMNS[1:])} WHERE id=?",
+                    (*values, entry.id)).rowcount:
+                return entry.id
             cursor = db.execute(
                 f"INSERT INTO feedback({', '.join(_COLUMNS[1:])}) VALUES ({', '.join('?' * (len(_COLUMNS) - 1))})",
-                (entry.created_at, entry.question, entry.query, entry.answer, citations, entry.backend,
-                 int(entry.refused), entry.vote, entry.comment, entry.correction, int(entry.should_refuse)))
+                values)
         entry.id = int(cursor.lastrowid)
         return entry.id
 

@@ -166,3 +166,27 @@ def test_retrieval_details_and_markdown_export(page):
     assert "## 1. 白岭村茶叶合作社有多少户社员？" in text
     assert "186户" in text and "[1]" in text and "**来源**" in text
     shot(page, "ui-06-details-export.png")
+
+
+def test_thumbs_down_with_a_correction_is_stored(page, ui_app):
+    app, _ = ui_app
+    before = len(app.service.feedback("测试库"))
+    answer = ask(page, "城市图书馆每周几闭馆？")
+    expect(answer).to_contain_text("每周一")
+    # Gradio's own dislike button under the latest answer ("踩" in the zh-CN locale): stored at once.
+    page.locator('#rag-chat button[aria-label="踩"]').last.click()
+    expect(page.locator(".toast-body").last).to_contain_text("已记录反馈")
+    page.locator("#rag-feedback").get_by_text("反馈 / feedback").click()  # open the accordion
+    expect(page.locator("#rag-fb-target")).to_contain_text("城市图书馆每周几闭馆")
+    expect(page.locator("#rag-fb-vote input[value=down]")).to_be_checked()
+    page.fill("#rag-fb-comment textarea", "请写明闭馆原因")
+    page.fill("#rag-fb-correction textarea", "城市图书馆每周一闭馆，用于设备维护和图书整理")
+    page.click("#rag-fb-submit")
+    expect(page.locator(".toast-body").last).to_contain_text("已记录反馈 / feedback saved")
+    expect(page.locator("#rag-fb-correction textarea")).to_have_value("")
+    shot(page, "ui-05-feedback.png")
+    entries = app.service.feedback("测试库")
+    assert len(entries) == before + 1  # the panel refined the entry the thumb stored
+    assert (entries[-1].question, entries[-1].vote) == ("城市图书馆每周几闭馆？", -1)
+    assert entries[-1].correction == "城市图书馆每周一闭馆，用于设备维护和图书整理"
+    assert entries[-1].comment == "请写明闭馆原因" and entries[-1].citations

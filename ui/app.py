@@ -26,7 +26,7 @@ from rag.load import SUPPORTED_SUFFIXES
 from rag.netguard import HostGuard, parse_allowed_hosts
 from ui.assets import BRIDGE_JS, CSS, SCROLL_TO_FOCUS_JS, theme
 from ui.bind import AUTH_USER, check_bind
-from ui.chat import ChatHandlers
+from ui.chat import FEEDBACK_TARGET_HINT, VOTES, ChatHandlers, new_votes
 from ui.eval_panel import EvalHandlers, build_eval_tab
 from ui.kb_panel import DOC_HEADERS, KBHandlers
 from rag.service import RagService
@@ -75,6 +75,7 @@ class RagApp:
         with gr.Blocks(title="中文文档问答", analytics_enabled=False, fill_width=True,
                        delete_cache=(1800, 3600)) as blocks:
             turns = gr.State([])
+            votes = gr.State(new_votes())  # this session's 👍/👎 (ui.chat.new_votes)
             selected = gr.State(None)
             bridge = gr.HTML("", js_on_load=BRIDGE_JS, elem_id="rag-bridge")
             gr.Markdown("## 中文文档问答 · 回答只来自你的文档，每句话都标出处")
@@ -88,7 +89,7 @@ class RagApp:
                         with gr.Tab("对话", id="chat"):
                             chatbot = gr.Chatbot(
                                 label="对话", height=520, elem_id="rag-chat", render_markdown=False,
-                                sanitize_html=True, buttons=["copy"], feedback_options=None, latex_delimiters=[],
+                                sanitize_html=True, buttons=["copy"], feedback_options=("Like", "Dislike"), latex_delimiters=[],
                                 placeholder="向知识库提问，例如：这份文件规定了什么？回答中的 [1] [2] 可以点击查看原文。")
                             with gr.Row():
                                 question = gr.Textbox(placeholder="输入问题，回车发送", show_label=False, scale=5,
@@ -99,6 +100,14 @@ class RagApp:
                                 export = gr.Button("导出 Markdown", size="sm", elem_id="rag-export")
                             export_file = gr.File(label="导出的对话", visible=False, interactive=False,
                                                   elem_id="rag-export-file")
+                            with gr.Accordion("反馈 / feedback", open=False, elem_id="rag-feedback"):
+                                fb_target = gr.Markdown(FEEDBACK_TARGET_HINT, elem_id="rag-fb-target")
+                                fb_vote = gr.Radio(VOTES, value=None, label="评价", elem_id="rag-fb-vote")
+                                fb_comment = gr.Textbox(label="意见（可选）", lines=1, elem_id="rag-fb-comment")
+                                fb_correction = gr.Textbox(label="正确答案（可选，用于“有问题”的回答）", lines=2,
+                                                           elem_id="rag-fb-correction")
+                                fb_refuse = gr.Checkbox(label="应当拒答（文档中没有答案）", elem_id="rag-fb-refuse")
+                                fb_submit = gr.Button("提交反馈", size="sm", elem_id="rag-fb-submit")
                             with gr.Accordion("检索详情", open=True, visible=False) as details_box:
                                 details = gr.HTML(elem_id="rag-details")
                         with gr.Tab("知识库", id="kb"):
@@ -146,13 +155,20 @@ class RagApp:
                         concurrency_limit=None, show_progress="hidden")
             open_full.click(self.chat.open_full, [selected], [fulldoc], api_visibility="private",
                             concurrency_limit=None).then(None, js=SCROLL_TO_FOCUS_JS)
+            # ---- feedback: short SQLite writes, never queued behind answers
+            feedback = dict(api_visibility="private", concurrency_limit=None, show_progress="hidden")
+            chatbot.like(self.chat.vote, [turns, votes], [votes, fb_vote, fb_target], **feedback)
+            fb_submit.click(self.chat.submit_feedback,
+                            [turns, votes, fb_vote, fb_comment, fb_correction, fb_refuse],
+                            [votes, fb_vote, fb_comment, fb_correction, fb_refuse, fb_target], **feedback)
             show_details.change(self.chat.details, [turns, show_details], [details_box, details],
                                 api_visibility="private")
             backend.change(lambda b: gr.update(visible=b == "openai"), [backend], [openai_box],
                            api_visibility="private")
             clear.click(lambda: ([], [], CITATION_HINT, None, gr.update(value="", visible=False),
-                                 gr.update(value=None, visible=False)),
-                        None, [chatbot, turns, citation, selected, fulldoc, export_file], api_visibility="private")
+                                 gr.update(value=None, visible=False), new_votes(), None, FEEDBACK_TARGET_HINT),
+                        None, [chatbot, turns, citation, selected, fulldoc, export_file, votes, fb_vote, fb_target],
+                        api_visibility="private")
             export.click(self.chat.export, [turns], [export_file], api_visibility="private")
 
             # ---- knowledge bases: writes one at a time, apart from the chat

@@ -14,11 +14,25 @@ from pathlib import Path
 import gradio as gr
 
 from rag.answer_types import Answered, Retrieved, Token
+from rag.feedback import FeedbackEntry
+from rag.store import KnowledgeBaseError
 from ui import render
 from ui.conversation import find_source, history, make_turn, to_markdown
 from rag.service import LLMChoice, RagService
 
 log = logging.getLogger(__name__)
+
+
+# What the feedback panel says before any 👍/👎 was clicked.
+FEEDBACK_TARGET_HINT = "反馈对象：最后一个回答（点回答下的 👍/👎 可选择其他回答）"
+# Plain text: a machine without an emoji font shows the thumbs as boxes.
+VOTES = [("有帮助（赞）", "up"), ("有问题（踩）", "down")]
+
+
+def new_votes() -> dict:
+    """A session's feedback state: the answer the panel applies to (turn index, None: the last
+    one), and per turn the id of the entry stored for it and its vote (one entry per answer)."""
+    return {"last": None, "ids": {}, "votes": {}}
 
 
 def chat_messages(turns: list[dict]) -> list[dict]:
@@ -98,3 +112,61 @@ class ChatHandlers:
         path = Path(tempfile.mkdtemp(dir=self.export_dir)) / f"对话-{time.strftime('%Y%m%d-%H%M%S')}.md"
         path.write_text(to_markdown(turns), encoding="utf-8")
         return gr.update(value=str(path), visible=True)
+
+    # ------------------------------------------------------------ feedback
+    def _store(self, turns: list[dict] | None, votes: dict | None, index: int, vote: str,
+               comment: str = "", correction: str = "", should_refuse: bool = False) -> dict:
+        """Store feedback on turn ``index`` (replacing this session's earlier entry on it); returns
+        the new session feedback state. Raises ValueError / KnowledgeBaseError with the message to show."""
+        turns, votes = turns or [], votes or new_votes()
+        if not 0 <= index < len(turns):
+            raise ValueError("找不到这条回答（对话可能已清空） / that answer is no longer in the conversation")
+        turn = turns[index]
+        entry = FeedbackEntry.from_record({"question": turn["question"], **turn["result"]}, vote, comment=comment,
+                                          correction=correction, should_refuse=should_refuse)
+        entry.id = votes["ids"].get(index)
+        entry_id = self.service.add_feedback(turn["kb"], entry)
+        return {"last": index, "ids": {**votes["ids"], index: entry_id}, "votes": {**votes["votes"], index: vote}}
+
+    @staticmethod
+    def _target(turns: list[dict], index: int) -> str:
+        return f"反馈对象：第 {index + 1} 个回答 ·「{turns[index]['question'][:40]}」"
+
+    def vote(self, turns: list[dict] | None, votes: dict | None, evt: gr.LikeData):
+        """👍/👎 under an answer: stored at once. Returns (feedback state, panel vote, panel target)."""
+        index = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
+        if not isinstance(evt.liked, bool):  # a thumb clicked off again: the stored vote stays
+            return gr.skip(), gr.skip(), gr.skip()
+        vote = "up" if evt.liked else "down"
+        try:  # assistant messages sit at odd positions: [question, answer, question, answer, …]
+            votes = self._store(turns, votes, int(index) // 2, vote)
+        except (ValueError, KnowledgeBaseError) as exc:
+            gr.Warning(str(exc))
+            return gr.skip(), gr.skip(), gr.skip()
+        gr.Info("已记录反馈 / feedback saved" + ("，可在下方“反馈”中补充纠正" if vote == "down" else ""))
+        return votes, vote, self._target(turns, votes["last"])
+
+    def submit_feedback(self, turns: list[dict] | None, votes: dict | None, vote: str | None, comment: str,
+                        correction: str, should_refuse: bool):
+        """The feedback panel's 提交反馈: applies to the last voted answer, else the last answer.
+
+        Returns (feedback state, vote, comment, correction, should_refuse, target); on bad input a
+        warning with the reason and every field left as it was.
+        """
+        turns, votes = turns or [], votes or new_votes()
+        if not turns:
+            gr.Warning("还没有回答可以反馈 / there is no answer to give feedback on yet")
+            return (gr.skip(),) * 6
+        index = votes["last"] if votes["last"] is not None and votes["last"] < len(turns) else len(turns) - 1
+        if not vote:  # a correction or "should have refused" can only mean 👎
+            if not ((correction or "").strip() or should_refuse):
+                gr.Warning("请先选择“有帮助”或“有问题” / choose up or down first")
+                return (gr.skip(),) * 6
+            vote = "down"
+        try:
+            votes = self._store(turns, votes, index, vote, comment or "", correction or "", bool(should_refuse))
+        except (ValueError, KnowledgeBaseError) as exc:
+            gr.Warning(str(exc))
+            return (gr.skip(),) * 6
+        gr.Info("已记录反馈 / feedback saved")
+        return votes, vote, "", "", False, self._target(turns, index)

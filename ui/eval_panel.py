@@ -14,16 +14,19 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Iterable
+from contextlib import closing
 from pathlib import Path
 
 import gradio as gr
 
 from rag.answer import make_answer_fn
 from rag.evaluate import DEPTH, ensure_corpus_kb, load_questions, run_eval, worst_misses
-from rag.store import KnowledgeBaseError
+from rag.feedback import export_questions
+from rag.store import KnowledgeBase, KnowledgeBaseError
 from ui.render import esc
 from rag.service import LLMChoice, RagService
 
@@ -174,6 +177,25 @@ class EvalHandlers:
             log.info("deleted %d eval run(s) of %s quoting %s: %s", len(removed), kb, sorted(wanted), removed)
         return removed, skipped
 
+    def from_feedback(self, kb: str):
+        """「用反馈生成题集」: the KB's stored feedback as a question set (``rag feedback export``),
+        written to a fresh folder of the export dir. Returns (questions file, source, status)."""
+        try:
+            kb = self.service.require(kb)
+            with closing(KnowledgeBase(self.service.home / kb)) as store:
+                questions, counts = export_questions(store)
+        except (KnowledgeBaseError, OSError) as exc:
+            raise gr.Error(str(exc)) from exc
+        if not questions:
+            gr.Warning("没有可用的反馈生成问题 / no feedback to make questions from")
+            return gr.skip(), gr.skip(), f"知识库 **{kb}**：{counts.summary()}"
+        # An ASCII name: the plot title shows the file stem, and matplotlib may have no CJK font.
+        path = Path(tempfile.mkdtemp(dir=self.export_dir, prefix="feedback-")) / "feedback-questions.jsonl"
+        path.write_text("".join(json.dumps(q, ensure_ascii=False) + "\n" for q in questions), encoding="utf-8")
+        gr.Info(f"已用反馈生成 {counts.written} 个问题")
+        return (str(path), "current",
+                f"知识库 **{kb}** 的反馈已生成题集（已填入“问题集”，点“开始评测”运行）：{counts.summary()}")
+
     def _target(self, source: str, kb: str, corpus_file: str | None) -> tuple[str, dict]:
         """(KB name to search, extra report config); builds the corpus KB when asked."""
         if source != "corpus":
@@ -319,6 +341,7 @@ def build_eval_tab(handlers: EvalHandlers, kb: gr.Dropdown, llm: list[gr.compone
                                 elem_id="rag-eval-questions")
             corpus = gr.File(label="语料 .jsonl（选“上传语料”时使用）", file_types=[".jsonl"], type="filepath",
                              elem_id="rag-eval-corpus")
+        from_feedback = gr.Button("用反馈生成题集", size="sm", elem_id="rag-eval-from-feedback")
         source = gr.Radio(SOURCES, value="current", label="在哪个知识库上评测", elem_id="rag-eval-source")
         with gr.Row():
             retrieval_only = gr.Checkbox(value=True, label="只评测检索",
@@ -346,4 +369,5 @@ def build_eval_tab(handlers: EvalHandlers, kb: gr.Dropdown, llm: list[gr.compone
         start.click(handlers.run, [questions, source, kb, corpus, retrieval_only, mode, k, limit, *llm],
                     [status, metrics, plot, report_md, files, misses, run_dir, detail], api_name="evaluate",
                     concurrency_id="eval", concurrency_limit=1)
+        from_feedback.click(handlers.from_feedback, [kb], [questions, source, status], api_visibility="private")
         misses.select(handlers.show_miss, [run_dir], [detail], api_visibility="private", concurrency_limit=None)
