@@ -82,7 +82,8 @@ def sample_throughput(kb_settings: Settings, embedder, n: int = 64) -> float:
 
     kb = KnowledgeBase(kb_settings.kb_dir)
     try:
-        chunks = kb.chunks(list(range(1, n + 1)))  # the first n chunk rows (ids count from 1 in a built KB)
+        indexes = kb.load_indexes()  # the first n chunks the index holds
+        chunks = kb.chunks([int(i) for i in indexes.bm25_rows[:n]] if indexes else [])
     finally:
         kb.close()
     texts = [f"{c.title}\n{c.text}" if c.title else c.text for _, c in sorted(chunks.items())]
