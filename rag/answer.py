@@ -266,11 +266,8 @@ class Answerer:
         retrieval = self.searcher.search_parts(turn.query, turn.k)
         turn.hits = retrieval.hits
         turn.parts = list(retrieval.parts) if len(retrieval.parts) > 1 else []
-        # Relevance per part by the part's own nearest passage, the rule a single question gets: the
-        # merged hits' scores come from whichever list they were taken from.
-        for part in turn.parts:
-            nearest = self.searcher.search(part, 1, mode="dense")
-            turn.part_relevant.append(bool(nearest) and (nearest[0].dense_score or 0.0) >= MIN_DENSE_SCORE)
+        # Relevance per part by its own search's nearest passage: the rule a single question gets.
+        turn.part_relevant = [best >= MIN_DENSE_SCORE for best in retrieval.best_dense] if turn.parts else []
         turn.timings["retrieve"] = (time.perf_counter() - t) * 1000
         yield turn
 

@@ -79,12 +79,15 @@ class Retrieval:
         parts: its standalone parts (``[query]`` when it is a single question).
         hits: the top k chunks; ``Hit.parts`` says which part(s) each serves.
         method: how it was decomposed: ``"single"`` or ``"rules"`` (``rag.decompose``).
+        best_dense: per part, the best dense cosine of its own search (how close the KB comes
+            to what the part asks; the merged hits' scores come from whichever list they were taken from).
     """
 
     query: str
     parts: list[str]
     hits: list[Hit]
     method: str = "single"
+    best_dense: list[float] = field(default_factory=list)
 
     @property
     def compound(self) -> bool:
@@ -366,14 +369,15 @@ class Searcher:
             hits = self._search_one(query, k, mode)
             for hit in hits:
                 hit.parts = [0]
-            return Retrieval(query, [query], hits)
+            return Retrieval(query, [query], hits, best_dense=[_best_dense(hits)])
         queries = [query, *parts.parts]
         vectors = self.embedder.embed_queries(queries) if mode != "bm25" else [None] * len(queries)
         depth = max(k, PART_DEPTH)
         lists = [self._search_one(q, depth, mode, vector, None if i == 0 else PART_BM25_WEIGHT)
                  for i, (q, vector) in enumerate(zip(queries, vectors))]
         per_part = [check_part(part, hits, depth) for part, hits in zip(parts.parts, lists[1:])]
-        return Retrieval(query, parts.parts, merge_parts(lists[0], per_part, k), parts.method)
+        return Retrieval(query, parts.parts, merge_parts(lists[0], per_part, k), parts.method,
+                         [_best_dense(hits) for hits in lists[1:]])
 
     def _search_one(self, query: str, k: int, mode: Mode, vector: np.ndarray | None = None,
                     bm25_weight: float | None = None) -> list[Hit]:
@@ -410,6 +414,10 @@ class Searcher:
         if isinstance(self._indexes, MilvusChannels):
             self._indexes.close()
         self.kb.close()
+
+
+def _best_dense(hits: list[Hit]) -> float:
+    return max((h.dense_score or 0.0 for h in hits), default=0.0)
 
 
 def hit_to_document(hit: Hit) -> Document:
