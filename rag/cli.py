@@ -175,7 +175,7 @@ def _extra_commands():
     import importlib
 
     for module_name in ("rag.cli_answer", "rag.cli_serve", "rag.cli_eval", "rag.cli_api", "rag.cli_mcp",
-                        "rag.cli_migrate", "rag.cli_feedback"):
+                        "rag.cli_migrate", "rag.cli_feedback", "rag.cli_eval_gen"):
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as exc:
