@@ -34,6 +34,7 @@ from rag.focus import focus
 from rag.followup import rule_rewrite, user_turns
 from rag.frame import part_labels
 from rag.judge import support_probability
+from rag.llm import ChatModels
 from rag.places import dominant_place
 from rag.retrieve import Hit, Searcher
 from rag.templates import load_prompt
@@ -103,16 +104,15 @@ class Answerer:
     Args:
         settings: configuration (KB, backend, token budget...).
         searcher: an open ``Searcher`` to share (built from settings when omitted).
-        chat_models: ``(settings, backend) -> chat model`` — the process-wide cache of
-            ``rag.service`` (one LLM in memory for every KB); without it each Answerer loads its own.
+        chat_models: ``(settings, backend) -> chat model``, e.g. ``rag.service``'s process-wide
+            ``ChatModels`` (one LLM in memory for every KB); without it the Answerer keeps its own.
     """
 
     def __init__(self, settings: Settings, searcher: Searcher | None = None,
                  chat_models: Callable[[Settings, str], object] | None = None):
         self.settings = settings
         self.searcher = searcher or Searcher(settings)
-        self._chat_models = chat_models
-        self._own_models: dict[str, object] = {}
+        self._chat_models = chat_models or ChatModels()
         system, answer = load_prompt("system"), load_prompt("answer")
         self.answer_prompt = ChatPromptTemplate.from_messages([("system", system), ("human", answer)])
         self._instruction_tokens = count_tokens(system + answer)  # read once, not per question
@@ -131,15 +131,7 @@ class Answerer:
     # ------------------------------------------------------------ pieces
     def chat_model(self, backend: str):
         """The LangChain chat model of a backend (from the shared cache, loaded once)."""
-        if self._chat_models is not None:
-            return self._chat_models(self.settings, backend)
-        if backend not in self._own_models:
-            from rag.llm import check_openai_endpoint, make_chat_model
-
-            if backend == "openai":
-                check_openai_endpoint(self.settings)
-            self._own_models[backend] = make_chat_model(self.settings, backend)
-        return self._own_models[backend]
+        return self._chat_models(self.settings, backend)
 
     def place_of(self, hit: Hit) -> str | None:
         """The place a passage's document is about (``rag.places.dominant_place``), cached per document."""

@@ -296,3 +296,30 @@ def check_openai_endpoint(settings: Settings, timeout: float = 5.0) -> None:
         raise LLMUnavailable(
             f"LLM 服务返回错误 / LLM endpoint returned HTTP {response.status_code}: {url}.{hint}"
         )
+
+
+# The settings that make one chat model differ from another, per backend.
+_MODEL_FIELDS = {
+    "local": ("llm_model_path", "llm_context", "threads", "llm_temperature", "llm_max_tokens"),
+    "openai": ("llm_base_url", "llm_api_key", "llm_model", "llm_timeout", "llm_retries", "llm_temperature",
+               "llm_max_tokens"),
+}
+
+
+class ChatModels:
+    """One LangChain chat model per LLM configuration, shared by every KB, session and request."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._models: dict[tuple, object] = {}
+        self.loads = 0  # models built so far (a cached call builds none)
+
+    def __call__(self, settings: Settings, backend: str):
+        key = (backend, *(getattr(settings, name) for name in _MODEL_FIELDS.get(backend, ())))
+        with self._lock:  # held while loading, so two first requests never load the GGUF twice
+            if key not in self._models:
+                if backend == "openai":
+                    check_openai_endpoint(settings)  # fail fast; a failure is not cached
+                self._models[key] = make_chat_model(settings, backend)
+                self.loads += 1
+            return self._models[key]

@@ -28,6 +28,7 @@ from rag.config import Settings
 from rag.embed import make_embedder
 from rag.feedback import FeedbackEntry, FeedbackLog
 from rag.ingest import IngestReport, Ingestor, remove_documents
+from rag.llm import ChatModels
 from rag.load import SUPPORTED_SUFFIXES
 from rag.netguard import check_bind  # noqa: F401 (front ends take the network rules from here)
 from rag.retrieve import Searcher
@@ -40,13 +41,6 @@ KB_NAME = re.compile(r"[^\W_][\w.\-]{0,63}")
 # Sent instead of the operator's key to an endpoint a user chose without a key of its own
 # (the same placeholder rag.llm sends for an empty key; local servers accept any key).
 NO_KEY = "EMPTY"
-
-# The settings that make one chat model differ from another, per backend.
-_MODEL_FIELDS = {
-    "local": ("llm_model_path", "llm_context", "threads", "llm_temperature", "llm_max_tokens"),
-    "openai": ("llm_base_url", "llm_api_key", "llm_model", "llm_timeout", "llm_retries", "llm_temperature",
-               "llm_max_tokens"),
-}
 
 
 class KnowledgeBaseNotFound(KnowledgeBaseError):
@@ -96,27 +90,6 @@ class LLMChoice:
     def cache_key(self) -> tuple:
         # Only the OpenAI endpoint fields change the model; the other backends share one.
         return (self.backend, self.base_url, self.api_key, self.model) if self.backend == "openai" else (self.backend,)
-
-
-class ChatModels:
-    """One LangChain chat model per LLM configuration, shared by every KB, session and request."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._models: dict[tuple, object] = {}
-        self.loads = 0  # models built so far (a cached call builds none)
-
-    def __call__(self, settings: Settings, backend: str):
-        key = (backend, *(getattr(settings, name) for name in _MODEL_FIELDS.get(backend, ())))
-        with self._lock:  # held while loading, so two first requests never load the GGUF twice
-            if key not in self._models:
-                from rag.llm import check_openai_endpoint, make_chat_model
-
-                if backend == "openai":
-                    check_openai_endpoint(settings)  # fail fast; a failure is not cached
-                self._models[key] = make_chat_model(settings, backend)
-                self.loads += 1
-            return self._models[key]
 
 
 class RagService:
