@@ -30,6 +30,7 @@ from rag.answer_types import (  # noqa: F401 (AnswerEvent, eval_record: also imp
 from rag.cite import Citation, citations_for, verify
 from rag.config import Settings
 from rag.extractive import extractive_answer, passage_context
+from rag.filters import Where
 from rag.focus import focus
 from rag.followup import rule_rewrite, user_turns
 from rag.frame import part_labels
@@ -57,6 +58,7 @@ class Turn(_LastWins):
     backend: str
     k: int
     max_tokens: int | None = None
+    where: Where = field(default_factory=Where)  # a metadata filter on what may be retrieved
     started: float = field(default_factory=time.perf_counter)
     query: str = ""
     parts: list[str] = field(default_factory=list)
@@ -135,13 +137,13 @@ class Answerer:
 
     def place_of(self, hit: Hit) -> str | None:
         """The place a passage's document is about (``rag.places.dominant_place``), cached per document."""
-        doc_id = hit.chunk.doc_id
-        if doc_id not in self._doc_places:
-            doc = self.searcher.kb.document_text(doc_id)
+        key = (hit.chunk.kb, hit.chunk.doc_id)
+        if key not in self._doc_places:
+            doc = self.searcher.document_text(hit.chunk)
             if len(self._doc_places) > 256:
                 self._doc_places.clear()
-            self._doc_places[doc_id] = dominant_place(doc[1]) if doc else None
-        return self._doc_places[doc_id]
+            self._doc_places[key] = dominant_place(doc[1]) if doc else None
+        return self._doc_places[key]
 
     def judge(self, backend: str, messages, answer: str) -> float | None:
         """The model's probability that ``answer`` is backed by the passages (``rag.judge``);
@@ -202,7 +204,7 @@ class Answerer:
         for hit in hits:
             if len(chosen) >= limit:
                 break
-            known = next((i for i, h in enumerate(numbered) if h.chunk.id == hit.chunk.id), None)
+            known = next((i for i, h in enumerate(numbered) if h.chunk.key == hit.chunk.key), None)
             number = known + 1 if known is not None else len(numbered) + 1
             text = self._passage_text(number, hit, query)
             cost = count_tokens(text)
@@ -216,7 +218,7 @@ class Answerer:
         return chosen, "\n\n".join(parts)
 
     def citations_for(self, numbers: list[int], sentences, hits: list[Hit]) -> list[Citation]:
-        return citations_for(numbers, sentences, [h.chunk for h in hits], self.searcher.kb.document_text)
+        return citations_for(numbers, sentences, [h.chunk for h in hits], self.searcher.document_text)
 
     def extractive_answer(self, query: str, hits: list[Hit], numbers: list[int] | None = None) -> str:
         """Best supporting sentences from the top passages, with their [n] (``rag.extractive``)."""
@@ -255,7 +257,7 @@ class Answerer:
 
     def _retrieve_step(self, turn: Turn) -> Iterator:
         t = time.perf_counter()
-        retrieval = self.searcher.search_parts(turn.query, turn.k)
+        retrieval = self.searcher.search_parts(turn.query, turn.k, where=turn.where)
         turn.hits = retrieval.hits
         turn.parts = list(retrieval.parts) if len(retrieval.parts) > 1 else []
         # Relevance per part by its own search's nearest passage: the rule a single question gets.
@@ -274,8 +276,8 @@ class Answerer:
             for i, part in enumerate(turn.parts):
                 serving = [h for h in turn.hits if i in h.parts] or turn.hits
                 chosen, context = self.pack(serving, part, limit=per_part, numbered=numbered)
-                ids = [h.chunk.id for h in numbered]
-                turn.part_hits.append([ids.index(h.chunk.id) for h in chosen])
+                keys = [h.chunk.key for h in numbered]
+                turn.part_hits.append([keys.index(h.chunk.key) for h in chosen])
                 turn.part_contexts.append(context)
         turn.hits = numbered
         turn.passages = [dict(h.to_dict(), number=i) for i, h in enumerate(turn.hits, 1)]
@@ -383,16 +385,20 @@ class Answerer:
     def _finalise_step(self, turn: Turn) -> Iterator:
         turn.timings["total"] = turn.elapsed_ms()
         turn.result.timings = turn.timings
+        turn.result.kbs = self.searcher.names
+        turn.result.filters = turn.where.to_dict()
         yield Answered(turn.result)
 
     # ------------------------------------------------------------ running the chain
     def _start(self, question: str, history: list[dict] | None, backend: str | None, k: int | None,
-               max_tokens: int | None = None) -> Turn:
+               max_tokens: int | None = None, where: Where | None = None) -> Turn:
         return Turn(question, list(history or []), backend or self.settings.llm_backend, k or self.settings.top_k,
-                    max_tokens if max_tokens and max_tokens < self.settings.llm_max_tokens else None)
+                    max_tokens if max_tokens and max_tokens < self.settings.llm_max_tokens else None,
+                    where or Where())
 
     def stream(self, question: str, history: list[dict] | None = None, backend: str | None = None,
-               k: int | None = None, max_tokens: int | None = None) -> Iterator[AnswerEvent]:
+               k: int | None = None, max_tokens: int | None = None,
+               where: Where | None = None) -> Iterator[AnswerEvent]:
         """Run the chain, yielding its events (``Answered`` last).
 
         Args:
@@ -401,8 +407,9 @@ class Answerer:
             backend: ``local``, ``openai`` or ``extractive`` (settings default when None).
             k: passages to retrieve.
             max_tokens: cap on the model's answer (below ``llm_max_tokens``; None: the setting).
+            where: only passages of the documents this metadata filter lets through (``rag.filters``).
         """
-        turn = self._start(question, history, backend, k, max_tokens)
+        turn = self._start(question, history, backend, k, max_tokens, where)
         events = self.chain.stream(turn)
         try:
             for event in events:  # not ``yield from``: that would close the chain before the flag is set
@@ -412,9 +419,9 @@ class Answerer:
             events.close()
 
     def ask(self, question: str, history: list[dict] | None = None, backend: str | None = None,
-            k: int | None = None, max_tokens: int | None = None) -> AnswerResult:
-        """Answer without streaming."""
-        final = self.chain.invoke(self._start(question, history, backend, k, max_tokens))
+            k: int | None = None, max_tokens: int | None = None, where: Where | None = None) -> AnswerResult:
+        """Answer without streaming (arguments as ``stream``)."""
+        final = self.chain.invoke(self._start(question, history, backend, k, max_tokens, where))
         if not isinstance(final, Answered):
             raise RuntimeError("answer chain ended without a result")
         return final.result

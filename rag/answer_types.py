@@ -33,6 +33,8 @@ class AnswerResult:
     timings: dict[str, float] = field(default_factory=dict)  # ms: rewrite, retrieve, first_token, total
     raw_answer: str = ""  # the model's text before verification (what the eval log keeps)
     parts: list[str] = field(default_factory=list)  # the question's parts when it asks several things
+    kbs: list[str] = field(default_factory=list)  # the knowledge bases searched (several: citations name theirs)
+    filters: dict = field(default_factory=dict)  # the metadata filter applied (``rag.filters``), if any
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -41,7 +43,8 @@ class AnswerResult:
         """Numbered sources block, readable in any terminal or chat client."""
         lines = []
         for c in self.citations:
-            where = " · ".join(x for x in (c.title or c.doc_id, c.section, f"第{c.page}页" if c.page else "") if x)
+            kb = c.kb if len(self.kbs) > 1 else ""
+            where = " · ".join(x for x in (kb, c.title or c.doc_id, c.section, f"第{c.page}页" if c.page else "") if x)
             lines.append(f"[{c.number}] {where}\n    「{c.quote}」")
         return "\n".join(lines)
 

@@ -84,6 +84,7 @@ class Citation:
     quote: str  # the supporting sentence of the passage
     quote_start: int | None = None  # span of the quote in the original document
     quote_end: int | None = None
+    kb: str = ""  # the knowledge base the document is in (a question may search several)
 
 
 @dataclass
@@ -187,7 +188,7 @@ def verify(answer: str, passages: list[str], threshold: float = SUPPORT_THRESHOL
 
 
 def citations_for(numbers: list[int], sentences: list[SentenceCheck], chunks: list,
-                  document_text: Callable[[str], tuple[str, str] | None]) -> list[Citation]:
+                  document_text: Callable[[object], tuple[str, str] | None]) -> list[Citation]:
     """The citations of a verified answer: for each used ``[n]``, one contiguous quote of
     ``chunks[n-1]`` covering every sentence it supports, and that quote's span in the original file.
 
@@ -195,7 +196,7 @@ def citations_for(numbers: list[int], sentences: list[SentenceCheck], chunks: li
         numbers: the passage numbers the verified answer cites.
         sentences: the verifier's per-sentence checks.
         chunks: the numbered passages (``StoredChunk``), ``[1]`` first.
-        document_text: ``doc_id -> (title, original text)`` (None when the document is gone).
+        document_text: ``chunk -> (title, original text)`` of its document (None when it is gone).
     """
     citations = []
     for n in numbers:
@@ -207,8 +208,8 @@ def citations_for(numbers: list[int], sentences: list[SentenceCheck], chunks: li
             quote = c.text[first:max(at + len(q) for at, q in found)]
         else:
             quote = c.text[:80]
-        doc = document_text(c.doc_id)
+        doc = document_text(c)
         span = locate(doc[1], c.start, c.end, quote) if doc else None
         citations.append(Citation(n, c.id, c.doc_id, c.title, c.section, c.page, c.start, c.end, quote,
-                                  span[0] if span else None, span[1] if span else None))
+                                  span[0] if span else None, span[1] if span else None, c.kb))
     return citations

@@ -68,14 +68,17 @@ def cmd_ingest(args) -> int:
 
 def cmd_search(args) -> int:
     from rag.cli_answer import check_question
+    from rag.filters import Where
     from rag.service import RagService
 
     settings = _settings(args)
     check_question(args.query, settings)  # too long: one clear line, exit 2 (before any model loads)
-    searcher = RagService(settings).searcher(settings.kb)
+    where = Where.parse(args.where)  # a bad condition: one clear line, exit 2 (before any model loads)
+    searcher = RagService(settings).searcher(settings.kb)  # --kb a,b: several KBs searched as one
     # A compound question is searched part by part (rag.decompose); --json shows the parts:
-    # {"query", "parts", "method", "hits": [... each with "parts": indices into "parts"]}.
-    result = searcher.search_parts(args.query, args.k, args.mode)
+    # {"query", "parts", "method", "hits": [... each with "parts": indices into "parts", and "kb"],
+    #  "filters": {...} when --where was given}.
+    result = searcher.search_parts(args.query, args.k, args.mode, where=where)
     hits = result.hits
     if args.json:
         print(json.dumps(result.to_dict(), ensure_ascii=False, indent=2))
@@ -83,17 +86,21 @@ def cmd_search(args) -> int:
     if result.compound:
         print("分解为 parts: " + " | ".join(f"({n}) {p}" for n, p in enumerate(result.parts, 1)))
         print()
+    if where:
+        print(f"过滤 filter: {where.describe()}")
     if not hits:
         print("没有找到相关内容 / no results")
+    several = len(searcher.names) > 1
     for i, h in enumerate(hits, 1):
         c = h.chunk
-        where = " · ".join(x for x in (c.title, c.section, f"第{c.page}页" if c.page else "") if x)
+        place = " · ".join(x for x in (c.kb if several else "", c.title, c.section, f"第{c.page}页" if c.page else "")
+                           if x)
         dense = f"dense #{h.dense_rank} {h.dense_score:.3f}" if h.dense_rank else "dense –"
         bm25 = f"bm25 #{h.bm25_rank} {h.bm25_score:.2f}" if h.bm25_rank else "bm25 –"
         serves = f"  part {','.join(str(n + 1) for n in h.parts) or '–'}" if result.compound else ""
         print(f"[{i}] {h.score:.4f} ({dense}, {bm25})  {c.doc_id}  [{c.start}:{c.end}]{serves}")
-        if where:
-            print(f"    {where}")
+        if place:
+            print(f"    {place}")
         print("    " + c.text.replace("\n", "\n    "))
         print()
     return 0
@@ -131,11 +138,19 @@ def cmd_remove(args) -> int:
     return 1 if missing else 0
 
 
+def add_where_arg(parser: argparse.ArgumentParser) -> None:
+    """``--where`` (repeatable; all must hold): metadata filters (``rag.filters``)."""
+    parser.add_argument("--where", action="append", default=[], metavar="COND",
+                        help="元数据过滤，可重复 metadata filter, repeatable: path=news/ | path=*.pdf | title~关键词 | "
+                             "date>=2024-01 | date<=2024-06-30 | 字段=值 field=value")
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     # SUPPRESS: an option given before the sub-command must not be reset by the sub-parser's default.
     common.add_argument("--kb", default=argparse.SUPPRESS,
-                        help="知识库名 knowledge base name (default: RAG_KB or 'default')")
+                        help="知识库名 knowledge base name (default: RAG_KB or 'default'); search/ask/chat/mcp/api "
+                             "also take several: a,b")
     common.add_argument("--home", default=argparse.SUPPRESS,
                         help="知识库目录 where KBs live (default: RAG_HOME, else <project>/index in a checkout, ./index when installed)")
     parser = argparse.ArgumentParser(prog="rag", description="中文文档问答 · Chinese document QA", parents=[common])
@@ -155,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=["hybrid", "dense", "bm25"], default="hybrid")
     p.add_argument("--embedder")
     p.add_argument("--json", action="store_true")
+    add_where_arg(p)
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("list", parents=[common], help="列出文档 list documents")

@@ -54,10 +54,10 @@ def _print_result(result) -> None:
         print(result.sources_text())
 
 
-def _run(answerer, question: str, history, backend: str, as_json: bool):
+def _run(answerer, question: str, history, backend: str, as_json: bool, where=None):
     result = None
     streamed = ""
-    for event in answerer.stream(question, history, backend):
+    for event in answerer.stream(question, history, backend, where=where):
         if isinstance(event, Token) and not as_json:
             print(event.text, end="", flush=True)
             streamed += event.text
@@ -78,18 +78,25 @@ def _run(answerer, question: str, history, backend: str, as_json: bool):
 
 
 def cmd_ask(args) -> int:
+    from rag.filters import Where
+
     settings = _settings_for(args)
     check_question(args.question, settings)
+    where = Where.parse(args.where)
     answerer = _answerer(settings)
-    result = _run(answerer, args.question, [], answerer.settings.llm_backend, args.json)
+    result = _run(answerer, args.question, [], answerer.settings.llm_backend, args.json, where)
     return 0 if result is not None else 1
 
 
 def cmd_chat(args) -> int:
+    from rag.filters import Where
+
+    where = Where.parse(args.where)
     answerer = _answerer(_settings_for(args))
     backend = answerer.settings.llm_backend
     history: list[dict] = []
-    print(f"知识库 {answerer.settings.kb} · 模型 {backend} · 输入问题，空行或 Ctrl-D 退出 / empty line to quit")
+    shown = f" · 过滤 {where.describe()}" if where else ""
+    print(f"知识库 {'、'.join(answerer.searcher.names)} · 模型 {backend}{shown} · 输入问题，空行或 Ctrl-D 退出 / empty line to quit")
     while True:
         try:
             question = input("\n问> ").strip()
@@ -102,7 +109,7 @@ def cmd_chat(args) -> int:
         if error:  # one too-long line must not end the conversation
             print(error, file=sys.stderr)
             continue
-        result = _run(answerer, question, history, backend, False)
+        result = _run(answerer, question, history, backend, False, where)
         if result.query != question:
             print(f"\n(检索用的问题 rewritten query: {result.query})")
         history += [{"role": "user", "content": question}, {"role": "assistant", "content": result.answer}]
@@ -118,13 +125,17 @@ def cmd_prepare_llm(args) -> int:
 
 
 def register(sub, common) -> None:
+    from rag.cli import add_where_arg
+
     p = sub.add_parser("prepare-llm", parents=[common], help="拼接并校验本地模型 assemble + verify the local GGUF")
     p.set_defaults(func=cmd_prepare_llm)
     p = sub.add_parser("ask", parents=[common], help="提问 ask one question")
     p.add_argument("question")
     p.add_argument("--llm", choices=["local", "openai", "extractive"], help="default: RAG_LLM_BACKEND or local")
     p.add_argument("--json", action="store_true", help="print the typed result as JSON")
+    add_where_arg(p)
     p.set_defaults(func=cmd_ask)
     p = sub.add_parser("chat", parents=[common], help="多轮对话 multi-turn chat")
     p.add_argument("--llm", choices=["local", "openai", "extractive"])
+    add_where_arg(p)
     p.set_defaults(func=cmd_chat)

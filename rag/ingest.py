@@ -29,6 +29,7 @@ from rag.lexical import LexicalTokenizer
 from rag.load import SUPPORTED_SUFFIXES, LoadError, RawDocument, iter_files, load_file
 from rag.split import split_document
 from rag.store import KnowledgeBase
+from rag.store_transaction import metadata_json
 
 
 @dataclass
@@ -200,7 +201,7 @@ class Ingestor:
         user_words = sorted(set(kb.user_words()) | set(_read_user_words(self.settings.user_dict)))
         tokenizer = LexicalTokenizer()
         tokenizer.add_words(user_words)
-        docs, renames = self._load_all(paths, kb, report, progress)
+        docs, renames, relabelled = self._load_all(paths, kb, report, progress)
         prepared = []
         for doc in docs:
             clean = clean_text(doc.text)
@@ -219,6 +220,8 @@ class Ingestor:
             tx.set_user_words(user_words)  # new words: a new generation, so searchers reload them
             for new, old in renames.items():  # same file, id given by an older version: keep its work
                 tx.rename_document(old, new)
+            for doc in relabelled:  # same text, new metadata (front matter, jsonl fields, mtime): no re-indexing
+                tx.set_document_metadata(doc.doc_id, doc.meta, doc.date)
             for doc, chunks, hashes, lexical in prepared:
                 tx.put_document(doc, chunks, hashes, lexical)
                 report.chunks += len(chunks)
@@ -229,9 +232,10 @@ class Ingestor:
                         report.removed.append(info.doc_id)
 
     def _load_all(self, paths, kb: KnowledgeBase, report: IngestReport,
-                  progress: bool) -> tuple[list[RawDocument], dict[str, str]]:
-        """The documents to (re)index, and ``{new id: stored id}`` for stored documents of the
-        same file that an older version (or a lone ingest) gave another id."""
+                  progress: bool) -> tuple[list[RawDocument], dict[str, str], list[RawDocument]]:
+        """The documents to (re)index; ``{new id: stored id}`` for stored documents of the same
+        file that an older version (or a lone ingest) gave another id; and the unchanged
+        documents whose metadata changed."""
         files, conflicts = document_files([Path(p) for p in paths], report.notes)
         report.failed.extend(conflicts)
         explicit = {str(Path(p)) for p in paths}
@@ -270,7 +274,7 @@ class Ingestor:
                     continue
                 docs[doc.doc_id] = doc
                 former[doc.doc_id] = record_id if jsonl else former_id
-        result, renames = [], {}
+        result, renames, relabelled = [], {}, []
         for doc in docs.values():
             known = kb.document_hash(doc.doc_id)
             old = former[doc.doc_id]
@@ -279,10 +283,13 @@ class Ingestor:
                 known = kb.document_hash(old)
             if known == doc.content_hash:
                 report.unchanged.append(doc.doc_id)
+                stored = kb.document_metadata(renames.get(doc.doc_id, doc.doc_id))
+                if stored is not None and stored != (metadata_json(doc.meta), doc.date):
+                    relabelled.append(doc)
                 continue
             (report.updated if known else report.added).append(doc.doc_id)
             result.append(doc)
-        return result, renames
+        return result, renames, relabelled
 
     def _embed_missing(self, kb: KnowledgeBase, prepared, report: IngestReport, progress: bool) -> None:
         texts: dict[str, str] = {}

@@ -13,6 +13,7 @@ a symbolic link, and says what it skipped (``iter_files(..., skipped=[])``).
 """
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import os
@@ -26,6 +27,7 @@ from typing import Iterator
 from charset_normalizer import from_bytes
 
 from rag.config import Settings
+from rag.filters import parse_date
 
 SUPPORTED_SUFFIXES = {".txt", ".md", ".markdown", ".pdf", ".docx", ".html", ".htm", ".jsonl"}
 # Defaults of the bounds, from the one configuration object (``RAG_MAX_HTML_NODES``, ...).
@@ -35,6 +37,9 @@ DEFAULT_MAX_DOCX_BYTES = int(Settings.model_fields["max_docx_inflated_mb"].defau
 # unclosed paragraphs is that deep and still a document; nesting beyond this is not.
 MAX_HTML_DEPTH = 10_000
 _HTML_ELEMENT = re.compile(r"<[A-Za-z]")  # what html.parser takes for a start tag (an upper bound)
+# A document's date for filters: the first of these fields (jsonl) / front-matter keys that reads as a date.
+DATE_FIELDS = ("date", "publish_date", "published", "pub_date", "日期", "发布日期", "发布时间", "time")
+_FRONT_MATTER = re.compile(r"\A\ufeff?---[ \t]*\n(.*?)\n---[ \t]*(?:\n|\Z)", re.S)
 _HTML_SKIP = frozenset(("script", "style", "noscript"))
 _HTML_HEADINGS = {f"h{level}": "#" * level for level in range(1, 7)}
 _HTML_LINE_AFTER = frozenset(("p", "div", "li", "br", "tr"))
@@ -57,6 +62,9 @@ class RawDocument:
         text: the original text; citations point at character offsets in it.
         source: path of the file it came from.
         page_starts: for PDFs, the offset in ``text`` where each page starts.
+        meta: metadata fields for filters (``rag.filters``): a jsonl record's other fields, a
+            Markdown/text file's front-matter keys.
+        date: ISO ``YYYY-MM-DD``: the ``date`` field / front-matter key, else the file's mtime.
     """
 
     doc_id: str
@@ -64,6 +72,8 @@ class RawDocument:
     text: str
     source: str
     page_starts: list[int] = field(default_factory=list)
+    meta: dict = field(default_factory=dict)
+    date: str | None = None
 
     @property
     def content_hash(self) -> str:
@@ -303,7 +313,40 @@ def load_file(path: Path, doc_id: str, max_bytes: int, *, max_docx_bytes: int = 
     text = text.replace("\r\n", "\n").replace("\r", "\n")
     if not text.strip():
         raise LoadError(f"{path.name}: 没有可提取的文字 / no extractable text")
-    return [RawDocument(doc_id, _title_from_text(text, path.stem), text, str(path), page_starts)]
+    meta: dict = {}
+    if suffix in (".md", ".markdown", ".txt"):
+        meta, text = front_matter(text)
+        if not text.strip():
+            raise LoadError(f"{path.name}: 只有 front matter，没有正文 / front matter only, no text")
+    title = str(meta.get("title") or "").strip() or _title_from_text(text, path.stem)
+    return [RawDocument(doc_id, title, text, str(path), page_starts, meta, _document_date(meta, path))]
+
+
+def front_matter(text: str) -> tuple[dict[str, str], str]:
+    """Split a leading ``---`` block (YAML-style front matter) from the text: its ``key: value``
+    lines (values kept as text; lists and nesting are not read) and the text after it, which is
+    what is stored, indexed and cited."""
+    match = _FRONT_MATTER.match(text)
+    if not match:
+        return {}, text
+    meta = {}
+    for line in match.group(1).splitlines():
+        key, sep, value = line.partition(":")
+        key, value = key.strip(), value.strip().strip("\"'")
+        if sep and key and value and not key.startswith(("#", "-", " ")):
+            meta[key] = value
+    return meta, text[match.end():]
+
+
+def _document_date(meta: dict, path: Path) -> str | None:
+    """A document's date: the first of ``DATE_FIELDS`` that reads as a date, else the file's mtime."""
+    for name in DATE_FIELDS:
+        if (found := parse_date(meta.get(name))) is not None:
+            return found
+    try:
+        return datetime.date.fromtimestamp(path.stat().st_mtime).isoformat()
+    except (OSError, ValueError, OverflowError):
+        return None
 
 
 def _read_jsonl(path: Path) -> Iterator[RawDocument]:
@@ -321,7 +364,10 @@ def _read_jsonl(path: Path) -> Iterator[RawDocument]:
                     f"expected a JSON object with id, title, text ({exc})"
                 ) from exc
             if text.strip():
-                yield RawDocument(doc_id, str(row.get("title") or ""), text, str(path))
+                meta = {k: v for k, v in row.items() if k not in ("id", "title", "text")
+                        and isinstance(v, (str, int, float, bool))}
+                yield RawDocument(doc_id, str(row.get("title") or ""), text, str(path), meta=meta,
+                                  date=_document_date(meta, path))
 
 
 def _folder_files(root: Path, skipped: list[tuple[str, str]]) -> list[Path]:

@@ -57,21 +57,23 @@ class MilvusChannels:
         self.generation = generation
         return self
 
-    def dense_ranking(self, query: str, n: int, vector, embedder) -> tuple[list[int], list[float]]:
-        """Dense top ``n`` (chunk ids, cosine scores); ``vector``: the query's embedding if known."""
+    def dense_ranking(self, query: str, n: int, vector, embedder, filter: str | None = None) -> tuple[list[int], list[float]]:
+        """Dense top ``n`` (chunk ids, cosine scores); ``vector``: the query's embedding if known;
+        ``filter``: a Milvus expression the chunks must match (metadata filters, inside the search)."""
         if vector is None:
             vector = embedder.embed_queries([query])
         vector = np.asarray(vector, dtype=np.float32).reshape(-1)
         with milvus_errors(self.target, "searching"):
-            hits = self.index.dense_search(vector, min(n, MAX_LIMIT), generation=self.generation)
+            hits = self.index.dense_search(vector, min(n, MAX_LIMIT), filter, generation=self.generation)
         return [c for c, _ in hits], [s for _, s in hits]
 
-    def bm25_ranking(self, tokens: list[str], n: int) -> tuple[list[int], list[float]]:
-        """BM25 top ``n`` (chunk ids, scores) for the query's tokens; only chunks sharing one."""
+    def bm25_ranking(self, tokens: list[str], n: int, filter: str | None = None) -> tuple[list[int], list[float]]:
+        """BM25 top ``n`` (chunk ids, scores) for the query's tokens; only chunks sharing one (and
+        matching ``filter``)."""
         if not tokens:
             return [], []
         with milvus_errors(self.target, "searching"):
-            hits = self.index.bm25_search("", min(n, MAX_LIMIT), generation=self.generation, tokens=tokens)
+            hits = self.index.bm25_search("", min(n, MAX_LIMIT), filter, generation=self.generation, tokens=tokens)
         return [c for c, _ in hits], [s for _, s in hits]
 
     def close(self) -> None:

@@ -35,6 +35,8 @@ from pydantic import ConfigDict
 from rag.config import Settings
 from rag.decompose import Decomposition, decompose
 from rag.embed import make_embedder
+from rag.filter_index import AllowedChunks
+from rag.filters import Where
 from rag.lexical import tokenizer_for
 from rag.milvus_search import MilvusChannels, milvus_channels
 from rag.store import KnowledgeBase, KnowledgeBaseError, StoredChunk
@@ -81,6 +83,7 @@ class Retrieval:
         method: how it was decomposed: ``"single"`` or ``"rules"`` (``rag.decompose``).
         best_dense: per part, the best dense cosine of its own search (how close the KB comes
             to what the part asks; the merged hits' scores come from whichever list they were taken from).
+        where: the metadata filter the search applied (empty: none).
     """
 
     query: str
@@ -88,14 +91,18 @@ class Retrieval:
     hits: list[Hit]
     method: str = "single"
     best_dense: list[float] = field(default_factory=list)
+    where: Where = field(default_factory=Where)
 
     @property
     def compound(self) -> bool:
         return len(self.parts) > 1
 
     def to_dict(self) -> dict:
-        return {"query": self.query, "parts": self.parts, "method": self.method,
+        data = {"query": self.query, "parts": self.parts, "method": self.method,
                 "hits": [h.to_dict() for h in self.hits]}
+        if self.where:
+            data["filters"] = self.where.to_dict()
+        return data
 
 
 def merge_parts(whole: list[Hit], per_part: list[list[Hit]], k: int) -> list[Hit]:
@@ -114,22 +121,22 @@ def merge_parts(whole: list[Hit], per_part: list[list[Hit]], k: int) -> list[Hit
     was taken for (``[]``: only the whole question found it); its score is the fused score of
     the list it was taken from.
     """
-    serves: dict[int, list[int]] = {}
+    serves: dict[tuple[str, int], list[int]] = {}
     for i, hits in enumerate(per_part):
         for hit in hits[:k]:
-            serves.setdefault(hit.chunk.id, []).append(i)
+            serves.setdefault(hit.chunk.key, []).append(i)
     merged: list[Hit] = []
-    taken: set[int] = set()
+    taken: set[tuple[str, int]] = set()
 
     def take(hit: Hit, part: int | None = None) -> None:
-        taken.add(hit.chunk.id)
-        hit.parts = sorted(set(serves.get(hit.chunk.id, [])) | ({part} if part is not None else set()))
+        taken.add(hit.chunk.key)
+        hit.parts = sorted(set(serves.get(hit.chunk.key, [])) | ({part} if part is not None else set()))
         merged.append(hit)
 
     turns = [0] * len(per_part)  # chunks taken for each part
     if whole:
         take(whole[0])
-        ranks = [next((r for r, hit in enumerate(hits) if hit.chunk.id == whole[0].chunk.id), None)
+        ranks = [next((r for r, hit in enumerate(hits) if hit.chunk.key == whole[0].chunk.key), None)
                  for hits in per_part]
         found = [(r, i) for i, r in enumerate(ranks) if r is not None]
         if found:
@@ -137,7 +144,7 @@ def merge_parts(whole: list[Hit], per_part: list[list[Hit]], k: int) -> list[Hit
     queues = [list(hits) for hits in per_part]
     while len(merged) < k:
         for queue in queues:
-            while queue and queue[0].chunk.id in taken:
+            while queue and queue[0].chunk.key in taken:
                 queue.pop(0)
         waiting = [i for i, queue in enumerate(queues) if queue]
         if not waiting:
@@ -148,7 +155,7 @@ def merge_parts(whole: list[Hit], per_part: list[list[Hit]], k: int) -> list[Hit
     for hit in whole[1:]:
         if len(merged) >= k:
             break
-        if hit.chunk.id not in taken:
+        if hit.chunk.key not in taken:
             take(hit)
     return merged
 
@@ -268,7 +275,55 @@ def fuse_scores(dense: list[int], dense_scores: list[float], bm25: list[int], bm
     return sorted(fused.items(), key=lambda kv: (-round(kv[1], 12), b_rank.get(kv[0], 1 << 30)))
 
 
-class Searcher:
+class PartSearch:
+    """``search`` / ``search_parts`` over a ``_search_one`` (one KB: ``Searcher``; several:
+    ``rag.multi_kb.MultiSearcher``). Subclasses provide ``settings``, ``embedder`` and ``_search_one``."""
+
+    settings: Settings
+
+    def search(self, query: str, k: int | None = None, mode: Mode = "hybrid", where: Where | None = None) -> list[Hit]:
+        """Top ``k`` chunks for ``query`` (a compound question part by part: ``search_parts``).
+
+        Args:
+            query: the question, in any form (Traditional/full-width are normalised).
+            k: number of hits (``settings.top_k`` by default).
+            mode: ``hybrid`` (default), or a single channel for diagnosis and evaluation.
+            where: a metadata filter (``rag.filters``), applied inside each channel's search.
+        """
+        return self.search_parts(query, k, mode, where=where).hits
+
+    def search_parts(self, query: str, k: int | None = None, mode: Mode = "hybrid",
+                     split: bool = True, where: Where | None = None) -> Retrieval:
+        """Decompose ``query`` (``rag.decompose``, rules only) and search it.
+
+        A single question is one search, exactly as before (its hits serve part 0). A compound
+        one is searched whole and part by part (query embeddings in one batch) and the lists are
+        merged with ``merge_parts``. ``split=False`` searches the question as one (benchmarks).
+        ``where`` restricts every search to the documents it lets through.
+        """
+        k = k or self.settings.top_k
+        where = where or Where()
+        parts = decompose(query) if split else Decomposition(query, [query])
+        if not parts.compound:
+            hits = self._search_one(query, k, mode, where=where)
+            for hit in hits:
+                hit.parts = [0]
+            return Retrieval(query, [query], hits, best_dense=[_best_dense(hits)], where=where)
+        queries = [query, *parts.parts]
+        vectors = self.embedder.embed_queries(queries) if mode != "bm25" else [None] * len(queries)
+        depth = max(k, PART_DEPTH)
+        lists = [self._search_one(q, depth, mode, vector, None if i == 0 else PART_BM25_WEIGHT, where)
+                 for i, (q, vector) in enumerate(zip(queries, vectors))]
+        per_part = [check_part(part, hits, depth) for part, hits in zip(parts.parts, lists[1:])]
+        return Retrieval(query, parts.parts, merge_parts(lists[0], per_part, k), parts.method,
+                         [_best_dense(hits) for hits in lists[1:]], where)
+
+    def _search_one(self, query: str, k: int, mode: Mode, vector: np.ndarray | None = None,
+                    bm25_weight: float | None = None, where: Where = Where()) -> list[Hit]:
+        raise NotImplementedError
+
+
+class Searcher(PartSearch):
     """Searches one knowledge base; reloads its indexes when another process changed it,
     and reopens the KB when it was deleted and built again (``rm -rf index/<kb>``, ingest).
 
@@ -289,11 +344,21 @@ class Searcher:
         self.tokenizer = tokenizer_for(self.kb)
         self._indexes = None
         self._lock = threading.Lock()
+        self._allowed: dict[tuple, AllowedChunks] = {}  # filter → allowed chunks, for one (generation, metadata)
         self._reranker = None
         if settings.reranker:
             from sentence_transformers import CrossEncoder
 
             self._reranker = CrossEncoder(settings.reranker, device="cpu")
+
+    @property
+    def name(self) -> str:
+        return self.settings.kb
+
+    @property
+    def names(self) -> list[str]:
+        """The KBs searched: this one (``MultiSearcher``: several)."""
+        return [self.settings.kb]
 
     def _check_embedder(self) -> None:
         known, known_dim = self.kb.embedder_id, int(self.kb.meta("dim", "0") or 0)
@@ -307,6 +372,7 @@ class Searcher:
         with self._lock:
             if self.kb.refresh():  # the KB on disk is a new one: nothing loaded from the old one is valid
                 self._indexes = None
+                self._allowed.clear()
                 self._check_embedder()
                 self.tokenizer = tokenizer_for(self.kb)
             if self._indexes is None or self._indexes.generation != self.kb.generation:
@@ -315,94 +381,85 @@ class Searcher:
                 self.tokenizer = tokenizer_for(self.kb)
             return self._indexes
 
-    def dense_ranking(self, query: str, n: int, vector: np.ndarray | None = None) -> tuple[list[int], list[float]]:
-        """Dense top ``n`` (chunk ids, cosine scores); ``vector``: the query's embedding if known."""
+    def document_text(self, chunk: StoredChunk) -> tuple[str, str] | None:
+        """``(title, original text)`` of a hit's document (None when it is gone)."""
+        return self.kb.document_text(chunk.doc_id)
+
+    def allowed(self, where: Where) -> AllowedChunks | None:
+        """The chunks ``where`` lets through (None: no filter), resolved once per KB generation and
+        metadata version."""
+        if not where:
+            return None
+        self._current()  # follow a new KB / generation first
+        version = (self.kb.generation, self.kb.metadata_version)
+        with self._lock:
+            if self._allowed and next(iter(self._allowed))[0] != version:
+                self._allowed.clear()
+            if (ready := self._allowed.get((version, where))) is not None:
+                return ready
+        found = AllowedChunks(self.kb.filter_chunk_ids(where))
+        with self._lock:
+            if len(self._allowed) >= 64:
+                self._allowed.clear()
+            self._allowed[(version, where)] = found
+        return found
+
+    def dense_ranking(self, query: str, n: int, vector: np.ndarray | None = None,
+                      allowed: AllowedChunks | None = None) -> tuple[list[int], list[float]]:
+        """Dense top ``n`` (chunk ids, cosine scores); ``vector``: the query's embedding if known;
+        ``allowed``: only these chunks (searched inside the index, so n come back when n match)."""
         idx = self._current()
+        if allowed is not None and not len(allowed.ids):
+            return [], []
         if isinstance(idx, MilvusChannels):  # the same (ids, scores) from the KB's Milvus collection
-            return idx.dense_ranking(query, n, vector, self.embedder)
+            return idx.dense_ranking(query, n, vector, self.embedder, allowed.milvus_filter() if allowed else None)
         if idx is None or idx.dense.ntotal == 0:
             return [], []
         if vector is None:
             vector = self.embedder.embed_queries([query])
         vector = np.asarray(vector, dtype=np.float32).reshape(1, -1)
+        if allowed is not None:
+            return allowed.dense_search(idx.dense, vector, n)
         scores, ids = idx.dense.search(vector, min(n, idx.dense.ntotal))
         keep = ids[0] >= 0
         return ids[0][keep].tolist(), scores[0][keep].tolist()
 
-    def bm25_ranking(self, query: str, n: int) -> tuple[list[int], list[float]]:
+    def bm25_ranking(self, query: str, n: int, allowed: AllowedChunks | None = None) -> tuple[list[int], list[float]]:
+        """BM25 top ``n`` (chunk ids, scores), only chunks sharing a token; ``allowed`` as in ``dense_ranking``."""
         idx = self._current()
+        if allowed is not None and not len(allowed.ids):
+            return [], []
         if isinstance(idx, MilvusChannels):
-            return idx.bm25_ranking(self.tokenizer.tokenize(query), n)
+            return idx.bm25_ranking(self.tokenizer.tokenize(query), n, allowed.milvus_filter() if allowed else None)
         if idx is None or idx.bm25 is None:
             return [], []
         token_ids = idx.bm25.get_tokens_ids(self.tokenizer.tokenize(query))
         if not token_ids:
             return [], []
         scores = idx.bm25.get_scores_from_ids(token_ids)
+        if allowed is not None:
+            scores = np.where(allowed.bm25_mask(idx.bm25_rows), scores, 0.0)
         n = min(n, len(scores))
         top = np.argpartition(-scores, n - 1)[:n]
         top = top[np.argsort(-scores[top], kind="stable")]
         top = top[scores[top] > 0]
         return idx.bm25_rows[top].tolist(), scores[top].tolist()
 
-    def search(self, query: str, k: int | None = None, mode: Mode = "hybrid") -> list[Hit]:
-        """Top ``k`` chunks for ``query`` (a compound question part by part: ``search_parts``).
-
-        Args:
-            query: the question, in any form (Traditional/full-width are normalised).
-            k: number of hits (``settings.top_k`` by default).
-            mode: ``hybrid`` (default), or a single channel for diagnosis and evaluation.
-        """
-        return self.search_parts(query, k, mode).hits
-
-    def search_parts(self, query: str, k: int | None = None, mode: Mode = "hybrid",
-                     split: bool = True) -> Retrieval:
-        """Decompose ``query`` (``rag.decompose``, rules only) and search it.
-
-        A single question is one search, exactly as before (its hits serve part 0). A compound
-        one is searched whole and part by part (query embeddings in one batch) and the lists are
-        merged with ``merge_parts``. ``split=False`` searches the question as one (benchmarks).
-        """
-        k = k or self.settings.top_k
-        parts = decompose(query) if split else Decomposition(query, [query])
-        if not parts.compound:
-            hits = self._search_one(query, k, mode)
-            for hit in hits:
-                hit.parts = [0]
-            return Retrieval(query, [query], hits, best_dense=[_best_dense(hits)])
-        queries = [query, *parts.parts]
-        vectors = self.embedder.embed_queries(queries) if mode != "bm25" else [None] * len(queries)
-        depth = max(k, PART_DEPTH)
-        lists = [self._search_one(q, depth, mode, vector, None if i == 0 else PART_BM25_WEIGHT)
-                 for i, (q, vector) in enumerate(zip(queries, vectors))]
-        per_part = [check_part(part, hits, depth) for part, hits in zip(parts.parts, lists[1:])]
-        return Retrieval(query, parts.parts, merge_parts(lists[0], per_part, k), parts.method,
-                         [_best_dense(hits) for hits in lists[1:]])
+    def channels(self, query: str, n: int, mode: Mode, vector: np.ndarray | None,
+                 where: Where) -> tuple[list[int], list[float], list[int], list[float]]:
+        """Both channels' top ``n``: dense ids, dense scores, BM25 ids, BM25 scores (a channel
+        left out by ``mode`` is empty)."""
+        allowed = self.allowed(where)
+        dense_ids, dense_scores = self.dense_ranking(query, n, vector, allowed) if mode != "bm25" else ([], [])
+        bm25_ids, bm25_scores = self.bm25_ranking(query, n, allowed) if mode != "dense" else ([], [])
+        return dense_ids, dense_scores, bm25_ids, bm25_scores
 
     def _search_one(self, query: str, k: int, mode: Mode, vector: np.ndarray | None = None,
-                    bm25_weight: float | None = None) -> list[Hit]:
+                    bm25_weight: float | None = None, where: Where = Where()) -> list[Hit]:
         """Top ``k`` chunks for one query: both channels, fused, optionally reranked.
         ``bm25_weight``: BM25's z-score fusion weight (default ``settings.bm25_weight``)."""
-        n = max(self.settings.candidates, k)
-        dense_ids, dense_scores = self.dense_ranking(query, n, vector) if mode != "bm25" else ([], [])
-        bm25_ids, bm25_scores = self.bm25_ranking(query, n) if mode != "dense" else ([], [])
-        if self.settings.fusion == "rrf":
-            fused = fuse(dense_ids, bm25_ids, self.settings.rrf_k)
-        else:
-            weight = self.settings.bm25_weight if bm25_weight is None else bm25_weight
-            fused = fuse_scores(dense_ids, dense_scores, bm25_ids, bm25_scores, weight)
         depth = max(k, 20) if self._reranker else k
-        fused = fused[:depth]
-        chunks = self.kb.chunks([cid for cid, _ in fused])
-        d_rank = {cid: (r, s) for r, (cid, s) in enumerate(zip(dense_ids, dense_scores), 1)}
-        b_rank = {cid: (r, s) for r, (cid, s) in enumerate(zip(bm25_ids, bm25_scores), 1)}
-        hits = []
-        for cid, score in fused:
-            if cid not in chunks:  # deleted between index load and lookup
-                continue
-            dr, ds = d_rank.get(cid, (None, None))
-            br, bs = b_rank.get(cid, (None, None))
-            hits.append(Hit(chunks[cid], float(score), dr, ds, br, bs))
+        hits = fused_hits([self], query, depth, mode, vector, bm25_weight, where)
         if self._reranker and hits:
             scores = self._reranker.predict([(query, h.chunk.text) for h in hits])
             for hit, s in zip(hits, scores):
@@ -414,6 +471,63 @@ class Searcher:
         if isinstance(self._indexes, MilvusChannels):
             self._indexes.close()
         self.kb.close()
+
+
+def fused_hits(searchers: list[Searcher], query: str, k: int, mode: Mode, vector: np.ndarray | None = None,
+               bm25_weight: float | None = None, where: Where = Where()) -> list[Hit]:
+    """The top ``k`` of the KBs' channels fused as one: every KB's dense list pooled into one
+    dense list, every BM25 list into one BM25 list, then the usual fusion (``fuse_scores`` or
+    ``fuse``) over the pooled lists, keyed by (KB, chunk id). One KB is the plain hybrid search.
+
+    Args:
+        searchers: the KBs (sharing one embedder).
+        query, k, mode: as in ``PartSearch.search``.
+        vector: the query's embedding (computed once here when None and a dense channel runs).
+        bm25_weight: BM25's z-score fusion weight (default ``settings.bm25_weight``).
+        where: a metadata filter, applied inside each KB's search.
+    """
+    settings = searchers[0].settings
+    n = max(settings.candidates, k)
+    if vector is None and mode != "bm25" and len(searchers) > 1:
+        vector = searchers[0].embedder.embed_queries([query])
+    dense: list[tuple[int, int]] = []
+    dense_scores: list[float] = []
+    bm25: list[tuple[int, int]] = []
+    bm25_scores: list[float] = []
+    for i, searcher in enumerate(searchers):
+        d_ids, d_scores, b_ids, b_scores = searcher.channels(query, n, mode, vector, where)
+        dense += [(i, cid) for cid in d_ids]
+        dense_scores += d_scores
+        bm25 += [(i, cid) for cid in b_ids]
+        bm25_scores += b_scores
+    if len(searchers) > 1:  # one list per channel, best first, as one KB gives it
+        dense, dense_scores = _by_score(dense, dense_scores)
+        bm25, bm25_scores = _by_score(bm25, bm25_scores)
+    if settings.fusion == "rrf":
+        fused = fuse(dense, bm25, settings.rrf_k)
+    else:
+        weight = settings.bm25_weight if bm25_weight is None else bm25_weight
+        fused = fuse_scores(dense, dense_scores, bm25, bm25_scores, weight)
+    fused = fused[:k]
+    chunks: dict[tuple[int, int], StoredChunk] = {}
+    for i, searcher in enumerate(searchers):
+        found = searcher.kb.chunks([cid for (kb, cid), _ in fused if kb == i])
+        chunks.update({(i, cid): chunk for cid, chunk in found.items()})
+    d_rank = {key: (r, s) for r, (key, s) in enumerate(zip(dense, dense_scores), 1)}
+    b_rank = {key: (r, s) for r, (key, s) in enumerate(zip(bm25, bm25_scores), 1)}
+    hits = []
+    for key, score in fused:
+        if key not in chunks:  # deleted between index load and lookup
+            continue
+        dr, ds = d_rank.get(key, (None, None))
+        br, bs = b_rank.get(key, (None, None))
+        hits.append(Hit(chunks[key], float(score), dr, ds, br, bs))
+    return hits
+
+
+def _by_score(keys: list, scores: list[float]) -> tuple[list, list[float]]:
+    order = sorted(range(len(keys)), key=lambda j: -scores[j])
+    return [keys[j] for j in order], [scores[j] for j in order]
 
 
 def _best_dense(hits: list[Hit]) -> float:

@@ -31,6 +31,7 @@ from rag.ingest import IngestReport, Ingestor, remove_documents
 from rag.llm import ChatModels
 from rag.load import SUPPORTED_SUFFIXES
 from rag.netguard import check_bind  # noqa: F401 (front ends take the network rules from here)
+from rag.multi_kb import MultiSearcher, split_kbs
 from rag.retrieve import Searcher
 from rag.store import DocumentInfo, KnowledgeBase, KnowledgeBaseError
 
@@ -105,7 +106,7 @@ class RagService:
         self.settings = settings
         self._lock = threading.Lock()
         self._embedder = embedder  # an already loaded embedder to share (tests, rag eval); else built on first use
-        self._searchers: dict[str, Searcher] = {}
+        self._searchers: dict[str, Searcher | MultiSearcher] = {}
         self._answerers: dict[tuple, Answerer] = {}
         self._write_locks: dict[str, threading.Lock] = {}
         self.chat_models = ChatModels()
@@ -181,9 +182,26 @@ class RagService:
                 self._embedder = make_embedder(s.embedder, s.threads, s.embed_batch_size)
             return self._embedder
 
-    def searcher(self, kb: str) -> Searcher:
-        """The KB's shared searcher (opened on first use; blocking: loads the indexes)."""
-        kb = self.require(kb)
+    def kb_names(self, kb: str | list[str]) -> list[str]:
+        """The existing KBs a choice names: one name, several ("a,b", "a+b") or a list
+        (``KnowledgeBaseNotFound`` for any that does not exist)."""
+        names = [self.require(name) for name in split_kbs(kb)]
+        if not names:
+            raise KnowledgeBaseError("没有选择知识库 / no knowledge base chosen")
+        return names
+
+    def searcher(self, kb: str | list[str]) -> Searcher | MultiSearcher:
+        """The shared searcher of one KB, or of several searched as one (``rag.multi_kb``; refused
+        when their embedders differ). Opened on first use (blocking: loads the indexes)."""
+        names = self.kb_names(kb)
+        if len(names) > 1:
+            members = [self.searcher(name) for name in names]
+            key = "+".join(names)
+            with self._lock:
+                if key not in self._searchers:
+                    self._searchers[key] = MultiSearcher(members)
+                return self._searchers[key]
+        kb = names[0]
         if (ready := self._searchers.get(kb)) is not None:
             return ready  # no lock: opening another KB (seconds) must not stall this one
         embedder = self.embedder()
@@ -192,16 +210,17 @@ class RagService:
                 self._searchers[kb] = Searcher(self.settings_for(kb), embedder=embedder)
             return self._searchers[kb]
 
-    def answerer(self, kb: str, llm: LLMChoice | None = None) -> Answerer:
-        """The KB's answer chain for an LLM choice (default: the configured backend and endpoint)."""
+    def answerer(self, kb: str | list[str], llm: LLMChoice | None = None) -> Answerer:
+        """The answer chain of a KB (or several: ``searcher``) for an LLM choice (default: the
+        configured backend and endpoint)."""
         llm = llm or LLMChoice(self.settings.llm_backend)
         searcher = self.searcher(kb)
-        key = (searcher.settings.kb, llm.cache_key())
+        key = (searcher.name, llm.cache_key())
         if (ready := self._answerers.get(key)) is not None:
             return ready
         with self._lock:
             if key not in self._answerers:
-                settings = self.settings_for(kb, **llm.settings_update(self.settings.llm_base_url))
+                settings = self.settings_for(searcher.settings.kb, **llm.settings_update(self.settings.llm_base_url))
                 self._answerers[key] = Answerer(settings, searcher, chat_models=self.chat_models)
             return self._answerers[key]
 
@@ -272,6 +291,7 @@ class RagService:
     def close(self) -> None:
         with self._lock:
             for searcher in self._searchers.values():
-                searcher.close()
+                if isinstance(searcher, Searcher):  # a MultiSearcher's members are closed on their own
+                    searcher.close()
             self._searchers.clear()
             self._answerers.clear()

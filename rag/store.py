@@ -33,13 +33,14 @@ import threading
 import time
 import uuid
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 import filelock
 import numpy as np
 
+from rag.filters import Where
 from rag.split import Chunk
 from rag.index_files import Indexes, clear_leftovers, read_generation, remove_older_generations, write_generation
 from rag.store_milvus import finish_milvus, sync_milvus
@@ -57,6 +58,12 @@ class StoredChunk(Chunk):
     title: str
     source: str
     ord: int
+    kb: str = ""  # the KB's name: citations of a question over several KBs say which one
+
+    @property
+    def key(self) -> tuple[str, int]:
+        """The chunk's identity across KBs (ids are per KB)."""
+        return self.kb, self.id
 
 
 @dataclass
@@ -66,6 +73,8 @@ class DocumentInfo:
     source: str
     chunks: int
     added_at: float
+    date: str | None = None  # ISO; what date filters compare (``rag.filters``)
+    meta: dict = field(default_factory=dict)  # jsonl fields / front-matter keys
 
 
 class KnowledgeBase:
@@ -175,10 +184,36 @@ class KnowledgeBase:
     # ---------------------------------------------------------------- reads
     def documents(self) -> list[DocumentInfo]:
         rows = self.db.execute(
-            "SELECT d.doc_id, d.title, d.source, COUNT(c.id), d.added_at FROM documents d "
+            "SELECT d.doc_id, d.title, d.source, COUNT(c.id), d.added_at, d.date, d.meta FROM documents d "
             "LEFT JOIN chunks c ON c.doc_id = d.doc_id GROUP BY d.doc_id ORDER BY d.doc_id"
         ).fetchall()
-        return [DocumentInfo(*row) for row in rows]
+        return [DocumentInfo(*row[:6], meta=json.loads(row[6] or "{}")) for row in rows]
+
+    def document_metadata(self, doc_id: str) -> tuple[str, str | None] | None:
+        """``(metadata JSON as stored, date)`` of a document; None when there is no such document."""
+        row = self.db.execute("SELECT meta, date FROM documents WHERE doc_id=?", (doc_id,)).fetchone()
+        return (row[0], row[1]) if row else None
+
+    @property
+    def metadata_version(self) -> int:
+        """Bumped by metadata-only updates (a new generation covers every other change)."""
+        return int(self.meta("metadata_version", "0"))
+
+    def filter_chunk_ids(self, where: Where) -> np.ndarray:
+        """The ids (sorted int64) of the chunks of the documents ``where`` lets through.
+
+        The documents' fields are read once and matched in Python (title folding, globs);
+        the chunk ids come from SQLite in batches of 900 documents.
+        """
+        docs = [doc_id for doc_id, source, title, date, meta in
+                self.db.execute("SELECT doc_id, source, title, date, meta FROM documents")
+                if where.matches(doc_id, source, title, date, json.loads(meta or "{}"))]
+        ids: list[int] = []
+        for i in range(0, len(docs), 900):
+            batch = docs[i:i + 900]
+            ids.extend(row[0] for row in self.db.execute(
+                f"SELECT id FROM chunks WHERE doc_id IN ({','.join('?' * len(batch))})", batch))
+        return np.array(sorted(ids), dtype=np.int64)
 
     def document_hash(self, doc_id: str) -> str | None:
         row = self.db.execute("SELECT content_hash FROM documents WHERE doc_id=?", (doc_id,)).fetchone()
@@ -203,8 +238,8 @@ class KnowledgeBase:
             f"FROM chunks c JOIN documents d ON d.doc_id = c.doc_id WHERE c.id IN ({marks})",
             [int(i) for i in ids],
         ).fetchall()
-        return {row[6]: StoredChunk(*row[:6], id=row[6], doc_id=row[7], title=row[8], source=row[9], ord=row[10])
-                for row in rows}
+        return {row[6]: StoredChunk(*row[:6], id=row[6], doc_id=row[7], title=row[8], source=row[9], ord=row[10],
+                                    kb=self.path.name) for row in rows}
 
     def chunk_count(self) -> int:
         return self.db.execute("SELECT COUNT(*) FROM chunks").fetchone()[0]

@@ -8,7 +8,8 @@ misread or damage what a newer version wrote.
 
 Version 0 is a new, empty file or a KB made before the schema had a version; the latter has
 exactly version 1's tables, so its 0 → 1 step creates nothing and only stamps it. Version 2
-adds the ``feedback`` table; a new file goes through every step, so it has it too.
+adds the ``feedback`` table; version 3 the documents' metadata (``meta``, ``date``) for filters. A
+new file goes through every step, so it has them too.
 
 To change the schema: append a migration, bump ``SCHEMA_VERSION``, and never edit an
 existing step (KBs on disk went through it as it was).
@@ -20,7 +21,7 @@ from typing import Callable
 
 from rag.writers import KnowledgeBaseError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # Version 1: the source of truth. ``IF NOT EXISTS``: a KB made before the version stamp has them.
 TABLES_V1 = (
@@ -78,8 +79,20 @@ def _v1_to_v2(db: sqlite3.Connection) -> None:
         db.execute(statement)
 
 
+def _v2_to_v3(db: sqlite3.Connection) -> None:
+    """Add each document's metadata for filters (``rag.filters``): ``meta``, a JSON object of
+    jsonl fields / front-matter keys, and ``date`` (ISO, or NULL). Documents stored before get
+    ``{}`` and NULL; the next ingest of their files fills them in without re-indexing
+    (``KnowledgeBaseTransaction.set_document_metadata``)."""
+    columns = {row[1] for row in db.execute("PRAGMA table_info(documents)")}
+    if "meta" not in columns:
+        db.execute("ALTER TABLE documents ADD COLUMN meta TEXT NOT NULL DEFAULT '{}'")
+    if "date" not in columns:
+        db.execute("ALTER TABLE documents ADD COLUMN date TEXT")
+
+
 # MIGRATIONS[n] takes a version-n database to version n + 1.
-MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_v0_to_v1, _v1_to_v2)
+MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_v0_to_v1, _v1_to_v2, _v2_to_v3)
 assert len(MIGRATIONS) == SCHEMA_VERSION, "one migration per schema version"
 
 

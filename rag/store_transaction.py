@@ -38,6 +38,11 @@ def stored_user_words(db: sqlite3.Connection) -> list[str]:
     return json.loads(get_meta(db, "user_words", "[]"))
 
 
+def metadata_json(meta: dict) -> str:
+    """A document's metadata as stored (keys sorted: equal metadata, equal text)."""
+    return json.dumps(meta or {}, ensure_ascii=False, sort_keys=True)
+
+
 class KnowledgeBaseTransaction:
     """Document-level changes inside ``KnowledgeBase.transaction()``.
 
@@ -96,8 +101,8 @@ class KnowledgeBaseTransaction:
         if self.db.execute("SELECT 1 FROM documents WHERE doc_id=?", (new,)).fetchone():
             return False
         copied = self.db.execute(
-            "INSERT INTO documents(doc_id, title, source, content_hash, text, page_starts, added_at) "
-            "SELECT ?, title, source, content_hash, text, page_starts, added_at FROM documents WHERE doc_id=?",
+            "INSERT INTO documents(doc_id, title, source, content_hash, text, page_starts, added_at, meta, date) "
+            "SELECT ?, title, source, content_hash, text, page_starts, added_at, meta, date FROM documents WHERE doc_id=?",
             (new, old)).rowcount
         if not copied:
             return False
@@ -105,6 +110,15 @@ class KnowledgeBaseTransaction:
         self.db.execute("DELETE FROM documents WHERE doc_id=?", (old,))
         rename_feedback_doc(self.db, old, new)
         return True
+
+    def set_document_metadata(self, doc_id: str, meta: dict, date: str | None) -> bool:
+        """Replace a stored document's metadata (its text unchanged: nothing is re-indexed).
+        Bumps ``metadata_version`` so searchers re-resolve their filters. Returns whether it changed."""
+        changed = self.db.execute("UPDATE documents SET meta=?, date=? WHERE doc_id=? AND (meta IS NOT ? OR date IS NOT ?)",
+                                  (metadata_json(meta), date, doc_id, metadata_json(meta), date)).rowcount > 0
+        if changed:
+            set_meta(self.db, "metadata_version", str(int(get_meta(self.db, "metadata_version", "0")) + 1))
+        return changed
 
     def put_document(self, doc, chunks, hashes: list[str], lexical: list[list[str]]) -> None:
         """Insert or replace a document with its chunks (their vectors must be cached).
@@ -117,9 +131,10 @@ class KnowledgeBaseTransaction:
         """
         self._delete_rows(doc.doc_id)
         self.db.execute(
-            "INSERT INTO documents(doc_id, title, source, content_hash, text, page_starts, added_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (doc.doc_id, doc.title, doc.source, doc.content_hash, doc.text, json.dumps(doc.page_starts), time.time()),
+            "INSERT INTO documents(doc_id, title, source, content_hash, text, page_starts, added_at, meta, date) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (doc.doc_id, doc.title, doc.source, doc.content_hash, doc.text, json.dumps(doc.page_starts), time.time(),
+             metadata_json(doc.meta), doc.date),
         )
         self.db.executemany(
             'INSERT INTO chunks(doc_id, ord, text, section, start, "end", page, tokens, content_hash, lexical) '
