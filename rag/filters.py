@@ -3,9 +3,10 @@
 
 A :class:`Where` is a conjunction of conditions on a document's stored metadata:
 
-- ``path``: the document id (its path relative to the ingest root, or ``<file>.jsonl/<id>``)
-  or its source path starts with the value, or matches it as a glob when it holds ``* ? [``
-  (``news/``, ``*.pdf``, ``2024/*/报告*``). Several paths: any of them;
+- ``path``: the document id (its path from the ingested folder, or ``<file>.jsonl/<id>``) or its
+  source path starts with the value at any folder level (``news/2024/`` matches
+  ``docs/news/2024/a.md``), or matches it as a glob when it holds ``* ? [`` (``*.pdf``,
+  ``2024/*/报告*``). Several paths: any of them;
 - ``title``: the title contains the value (full-width/Traditional/case folded);
 - ``date``: the document's date (``date`` from Markdown front matter or a jsonl field, else the
   file's modification time) lies in ``[date_from, date_to]``. A partial date means its whole
@@ -221,7 +222,8 @@ def _path_matches(pattern: str, path: str) -> bool:
     pattern = pattern.replace("\\", "/")
     if any(ch in pattern for ch in "*?["):
         return fnmatch.fnmatchcase(path, pattern) or fnmatch.fnmatchcase(path, f"*/{pattern.lstrip('/')}")
-    return path.startswith(pattern)
+    # from any folder level: "news/2024/" matches "docs/news/2024/a.md" (ids keep the ingested folder's name)
+    return path.startswith(pattern) or (not pattern.startswith("/") and f"/{pattern}" in path)
 
 
 def _text(value: object) -> str:

@@ -4,16 +4,19 @@ adapter over ``rag.service.RagService`` (the same core as the CLI, the web UI an
 Tools (descriptions in Chinese and English; every result is structured: the SDK publishes the
 return model as the tool's ``outputSchema`` and sends ``structuredContent`` plus the same JSON as text):
 
-- ``search(query, k=5, kb=None)`` → ``SearchResult``: the passages with their citation metadata
+- ``search(query, k=5, kb=None, filters=None)`` → ``SearchResult``: the passages with their citation metadata
   (doc_id, title, section, page, character span) and per-channel scores (fused, dense, BM25), and
   the parts a compound question was split into (``Passage.parts`` points into them).
-- ``ask(question, kb=None, backend=None)`` → ``AskResult``: the verified answer with ``[n]``
+- ``ask(question, kb=None, backend=None, filters=None)`` → ``AskResult``: the verified answer with ``[n]``
   markers, the refusal flag, the citations with their quotes, and a notice (e.g. LLM unavailable).
-- ``list_documents(kb=None)`` → ``DocumentList``: doc_id, title and chunk count per document,
-  and the names of all knowledge bases.
+- ``list_documents(kb=None)`` → ``DocumentList``: doc_id, title, date, metadata and chunk count per
+  document, and the names of all knowledge bases.
 
-Arguments map one to one onto ``RagService`` calls, so a new retrieval option (the metadata
-filters of issue 15) is one more typed argument of ``search`` and ``ask``.
+``kb`` may name several KBs searched as one ("a,b": ``rag.multi_kb``; every passage and citation
+names its KB); ``filters`` is a metadata filter (``rag.filters``: path prefix/glob, title, date
+range, fields) applied inside the index search.
+
+Arguments map one to one onto ``RagService`` calls.
 
 Bounds as in ``rag api``: ``k`` in 1..50, a question of at most ``max_question_chars``. Embedding,
 search and generation run in worker threads behind the API's bounded gates (``rag.api.guard.Gate``),
@@ -40,6 +43,7 @@ from rag.api.wire import ApiError
 from rag.cite import Citation
 from rag.cli_answer import question_error
 from rag.config import Settings
+from rag.filters import FilterError, Where
 from rag.retrieve import Hit
 from rag.service import LLMChoice, RagService
 from rag.store import KnowledgeBaseError
@@ -70,8 +74,28 @@ LIST_DESCRIPTION = (
     "List the documents of a knowledge base (doc_id, title, number of chunks) and the names of all "
     "knowledge bases.")
 
-KbArg = Annotated[str | None, Field(description="知识库名，默认为服务器的 --kb / knowledge base name "
-                                                "(default: the server's --kb)")]
+KbArg = Annotated[str | None, Field(description="知识库名，默认为服务器的 --kb；多个用逗号分隔，如 a,b / knowledge "
+                                                "base name (default: the server's --kb); several searched as one: a,b")]
+
+
+class Filters(BaseModel):
+    """A metadata filter (``rag.filters.Where``): every given condition must hold."""
+
+    path: str | list[str] | None = Field(None, description="文档路径前缀或通配（任一）/ document path prefix or glob "
+                                                           "(any of them), e.g. news/ or *.pdf")
+    title: str | None = Field(None, description="标题包含 title contains")
+    date_from: str | None = Field(None, description="起始日期（含）/ from date, inclusive: 2024, 2024-05, 2024-05-01")
+    date_to: str | None = Field(None, description="截止日期（含）/ to date, inclusive")
+    fields: dict[str, str] | None = Field(None, description="其他字段等于 other fields equal (jsonl fields, front matter)")
+
+    def where(self) -> Where:
+        try:
+            return Where.from_mapping(self.model_dump(exclude_none=True))
+        except FilterError as exc:
+            raise ToolError(str(exc)) from exc
+
+
+FiltersArg = Annotated[Filters | None, Field(description="元数据过滤 metadata filter (optional)")]
 
 
 class Passage(BaseModel):
@@ -86,7 +110,8 @@ class Passage(BaseModel):
     start: int = Field(description="在原文中的起始字符位置 start offset in the document text")
     end: int
     chunk_id: int
-    score: float = Field(description="融合分数 fused (RRF) score")
+    kb: str = Field(description="所在知识库 the knowledge base it is in")
+    score: float = Field(description="融合分数 fused score")
     dense_rank: int | None = Field(description="向量检索名次 dense rank (null: not in its top)")
     dense_score: float | None
     bm25_rank: int | None = Field(description="BM25 名次 BM25 rank (null: not in its top)")
@@ -102,7 +127,7 @@ class Passage(BaseModel):
             return None if x is None else float(x)
 
         return cls(number=number, text=c.text, doc_id=c.doc_id, title=c.title, section=c.section,
-                   page=c.page, start=c.start, end=c.end, chunk_id=c.id, score=float(hit.score),
+                   page=c.page, start=c.start, end=c.end, chunk_id=c.id, kb=c.kb, score=float(hit.score),
                    dense_rank=hit.dense_rank, dense_score=num(hit.dense_score), bm25_rank=hit.bm25_rank,
                    bm25_score=num(hit.bm25_score), rerank_score=num(hit.rerank_score), parts=list(hit.parts))
 
@@ -112,6 +137,7 @@ class SearchResult(BaseModel):
     query: str
     parts: list[str] = Field(description="问题的子问题（单一问题时就是它本身）/ the question's parts ([query] if single)")
     method: str = Field(description="拆分方式 how it was split: single | rules")
+    filters: dict = Field(default_factory=dict, description="所用的元数据过滤 the metadata filter applied")
     passages: list[Passage]
 
 
@@ -131,6 +157,8 @@ class DocumentEntry(BaseModel):
     doc_id: str
     title: str
     chunks: int
+    date: str | None = Field(None, description="文档日期 document date (ISO), what date filters compare")
+    meta: dict = Field(default_factory=dict, description="元数据字段 metadata fields (jsonl / front matter)")
 
 
 class DocumentList(BaseModel):
@@ -178,26 +206,29 @@ class RagTools:
         query: Annotated[str, Field(description="问题或关键词 question or keywords")],
         k: Annotated[int, Field(ge=1, le=MAX_K, description=f"返回的片段数 passages to return (1-{MAX_K})")] = 5,
         kb: KbArg = None,
+        filters: FiltersArg = None,
     ) -> SearchResult:
         """See ``SEARCH_DESCRIPTION``.
 
         Args:
             query: the question (at most ``max_question_chars`` characters).
             k: passages to return.
-            kb: knowledge base (default: the server's).
+            kb: knowledge base, or several ("a,b"; default: the server's).
+            filters: metadata filter (default: none).
         """
         query = self._question(query)
         name = kb or self.settings.kb
+        where = filters.where() if filters else Where()
 
         def run():
             searcher = self.service.searcher(name)  # unknown KB: KnowledgeBaseNotFound
-            return searcher.settings.kb, searcher.search_parts(query, k)
+            return searcher.name, searcher.search_parts(query, k, where=where)
 
         with _tool_errors():
             async with slot(self.work_gate):
                 kb_name, found = await anyio.to_thread.run_sync(run)
         return SearchResult(kb=kb_name, query=found.query, parts=found.parts, method=found.method,
-                            passages=[Passage.of(n, hit) for n, hit in enumerate(found.hits, 1)])
+                            filters=where.to_dict(), passages=[Passage.of(n, hit) for n, hit in enumerate(found.hits, 1)])
 
     async def ask(
         self,
@@ -207,6 +238,7 @@ class RagTools:
             description="回答方式，默认为服务器设置 / answer backend (default: the server's): local = 本地模型 "
                         "local LLM, openai = 配置的兼容接口 the configured OpenAI-compatible endpoint, "
                         "extractive = 直接摘录原文 sentences from the passages")] = None,
+        filters: FiltersArg = None,
     ) -> AskResult:
         """See ``ASK_DESCRIPTION``.
 
@@ -215,14 +247,16 @@ class RagTools:
             kb: knowledge base (default: the server's).
             backend: answer backend (default: ``settings.llm_backend``); an OpenAI-compatible
                 backend always uses the operator's configured endpoint and key.
+            filters: metadata filter on the passages (default: none).
         """
         question = self._question(question)
         name = kb or self.settings.kb
         choice = LLMChoice(backend or self.settings.llm_backend)
+        where = filters.where() if filters else Where()
 
         def start():
             answerer = self.service.answerer(name, choice)  # unknown KB: KnowledgeBaseNotFound
-            return answerer.settings.kb, answerer.stream(question)
+            return answerer.searcher.name, answerer.stream(question, where=where)
 
         with _tool_errors():
             async with slot(self.chat_gate):
@@ -247,7 +281,8 @@ class RagTools:
         with _tool_errors():
             kb_name, names, docs = await anyio.to_thread.run_sync(run)
         return DocumentList(kb=kb_name, knowledge_bases=names,
-                            documents=[DocumentEntry(doc_id=d.doc_id, title=d.title, chunks=d.chunks) for d in docs])
+                            documents=[DocumentEntry(doc_id=d.doc_id, title=d.title, chunks=d.chunks, date=d.date,
+                                                     meta={k: str(v) for k, v in d.meta.items()}) for d in docs])
 
 
 def create_mcp(settings: Settings, service: RagService | None = None, log_level: str = "INFO") -> MCPServer:

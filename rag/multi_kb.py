@@ -33,14 +33,25 @@ def split_kbs(spec: str | list[str] | tuple[str, ...]) -> list[str]:
     return out
 
 
-def check_same_embedder(searchers: list[Searcher]) -> None:
-    """Refuse KBs whose vectors come from different embedders (an empty KB records none yet)."""
-    built = {s.name: s.kb.embedder_id for s in searchers if s.kb.embedder_id}
+class MixedEmbeddersError(KnowledgeBaseError):
+    """KBs chosen together were built with different embedders."""
+
+
+def check_same_embedder(embedders: dict[str, str | None]) -> None:
+    """Refuse KBs whose vectors come from different embedders.
+
+    Args:
+        embedders: KB name → the embedder id it records (None: an empty KB, none yet).
+
+    Raises:
+        MixedEmbeddersError: two KBs name different embedders.
+    """
+    built = {name: model for name, model in embedders.items() if model}
     if len(set(built.values())) > 1:
         listed = "；".join(f"{name}：{model}" for name, model in built.items())
-        raise KnowledgeBaseError(f"这些知识库的嵌入模型不同，不能一起检索（{listed}）"
-                                 f" / these knowledge bases were built with different embedders ({listed})"
-                                 f" and cannot be searched together")
+        raise MixedEmbeddersError(f"这些知识库的嵌入模型不同，不能一起检索（{listed}）"
+                                  f" / these knowledge bases were built with different embedders ({listed})"
+                                  f" and cannot be searched together")
 
 
 class MultiSearcher(PartSearch):
@@ -54,7 +65,7 @@ class MultiSearcher(PartSearch):
     def __init__(self, searchers: list[Searcher]):
         if len(searchers) < 2:
             raise ValueError("MultiSearcher needs two KBs or more")
-        check_same_embedder(searchers)
+        check_same_embedder({s.name: s.kb.embedder_id for s in searchers})
         self.searchers = searchers
         self.settings = searchers[0].settings
         self.embedder = searchers[0].embedder

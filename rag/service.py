@@ -31,7 +31,7 @@ from rag.ingest import IngestReport, Ingestor, remove_documents
 from rag.llm import ChatModels
 from rag.load import SUPPORTED_SUFFIXES
 from rag.netguard import check_bind  # noqa: F401 (front ends take the network rules from here)
-from rag.multi_kb import MultiSearcher, split_kbs
+from rag.multi_kb import MultiSearcher, check_same_embedder, split_kbs
 from rag.retrieve import Searcher
 from rag.store import DocumentInfo, KnowledgeBase, KnowledgeBaseError
 
@@ -195,8 +195,14 @@ class RagService:
         when their embedders differ). Opened on first use (blocking: loads the indexes)."""
         names = self.kb_names(kb)
         if len(names) > 1:
-            members = [self.searcher(name) for name in names]
             key = "+".join(names)
+            if key not in self._searchers:  # before opening any: one message naming every KB's embedder
+                embedders = {}
+                for name in names:
+                    with closing(KnowledgeBase(self.home / name)) as store:
+                        embedders[name] = store.embedder_id
+                check_same_embedder(embedders)
+            members = [self.searcher(name) for name in names]
             with self._lock:
                 if key not in self._searchers:
                     self._searchers[key] = MultiSearcher(members)

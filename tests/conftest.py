@@ -277,3 +277,48 @@ def ui_app(tmp_path_factory, gguf_path):
         yield app, f"http://127.0.0.1:{port}/"
     finally:
         app.close()
+
+
+# ---------------------------------------------------------------- seeds dev retrieval (tests/test_milvus_server.py)
+def seeds_gold_rank(searcher, q: dict, texts: dict, k: int = 5) -> int | None:
+    """Rank (1-based) of the first of ``searcher``'s top ``k`` hits for seeds dev question ``q`` that is
+    in a gold document and holds a gold quote (whitespace ignored); None when none is. ``texts``
+    caches document texts by id."""
+    quotes = [without_space(g) for g in q["gold_quotes"]]
+    for rank, hit in enumerate(searcher.search(q["question"], k=k), 1):
+        c = hit.chunk
+        text = texts.setdefault((c.kb, c.doc_id), searcher.document_text(c)[1])
+        if any(c.doc_id.endswith(d) for d in q["gold_docs"]) and any(g in without_space(text[c.start:c.end])
+                                                                    for g in quotes):
+            return rank
+    return None
+
+
+def seeds_hit_rates(reference: Settings, other: Settings, questions: list[dict], embedder) -> tuple[dict, dict]:
+    """The seeds dev ``questions`` searched (top 5) in two KBs of the same documents, e.g. FAISS and
+    Milvus. Returns, per KB, ``hit`` = (hit@1, hit@5); for ``other`` also ``same`` = questions whose
+    hybrid top 5 equals ``reference``'s and ``bm25_diff`` = questions whose BM25-only top 5 differs
+    (hits compared as (file name, start): chunk ids, and the folders a document sits in, may differ
+    between the KBs)."""
+    from rag.retrieve import Searcher
+
+    searchers = Searcher(reference, embedder=embedder), Searcher(other, embedder=embedder)
+    texts: dict[str, str] = {}
+    try:
+        out = []
+        for s in searchers:
+            ranks = [seeds_gold_rank(s, q, texts) for q in questions]
+            out.append({"hit": (round(sum(r == 1 for r in ranks) / len(ranks), 3),
+                                round(sum(r is not None for r in ranks) / len(ranks), 3))})
+
+        def tops(mode: str) -> list[list[list[tuple]]]:
+            return [[[(h.chunk.doc_id.rsplit("/", 1)[-1], h.chunk.start)
+                      for h in s.search(q["question"], 5, mode=mode)] for q in questions] for s in searchers]
+
+        (ref, oth), (ref_bm25, oth_bm25) = tops("hybrid"), tops("bm25")
+        out[1]["same"] = sum(a == b for a, b in zip(ref, oth))
+        out[1]["bm25_diff"] = sum(a != b for a, b in zip(ref_bm25, oth_bm25))
+        return out[0], out[1]
+    finally:
+        for s in searchers:
+            s.close()

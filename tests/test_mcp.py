@@ -91,7 +91,7 @@ def test_stdio_tools(kb_root, tmp_path):
             assert docs["kb"] == KB and KB in docs["knowledge_bases"]
             titles = {d["title"]: d for d in docs["documents"]}
             assert "城市图书馆服务指南" in titles and all(d["chunks"] >= 1 for d in docs["documents"])
-            assert all(set(d) == {"doc_id", "title", "chunks"} for d in docs["documents"])  # no file paths
+            assert all(set(d) == {"doc_id", "title", "chunks", "date", "meta"} for d in docs["documents"])  # no paths
 
             found = data(await call(session, "search", query="城市图书馆每周几闭馆？", k=3))
             assert found["kb"] == KB and found["parts"] == [found["query"]] and found["method"] == "single"

@@ -19,6 +19,8 @@ from rag.api.feedback import feedback_routes
 from rag.api.guard import Gate, Guard
 from rag.api.wire import ApiError, EmbeddingRequest, SearchRequest, bad_request, install_error_handlers
 from rag.config import Settings
+from rag.filters import FilterError, Where
+from rag.multi_kb import MixedEmbeddersError, split_kbs
 from rag.service import KnowledgeBaseNotFound, RagService
 from rag.store import KnowledgeBaseError
 from rag.tokens import count_tokens
@@ -33,8 +35,10 @@ LOCAL_ORIGINS = r"^((app|file|tauri|capacitor|vscode-webview)://.*|https?://(loc
 
 API_DESCRIPTION = """中文文档问答 · OpenAI-compatible API over local knowledge bases, with verified citations.
 
-Base URL `/v1`; model `rag-<kb>` (see `GET /v1/models`); `Authorization: Bearer <RAG_API_KEY>` when the
-server has a key. Errors are OpenAI-style: `{"error": {"message", "type", "param", "code"}}`."""
+Base URL `/v1`; model `rag-<kb>` (see `GET /v1/models`), or several KBs searched as one: `rag-<a>+<b>`;
+`Authorization: Bearer <RAG_API_KEY>` when the server has a key. Metadata filters: `filters` on `/v1/search`,
+`metadata` on chat requests (`{"path": "news/", "title": "…", "date_from": "2024-01", "date_to": "2024-06",
+"fields": {"source": "…"}}`). Errors are OpenAI-style: `{"error": {"message", "type", "param", "code"}}`."""
 
 
 @dataclass
@@ -52,23 +56,40 @@ class ApiContext:
         return MODEL_PREFIX + kb
 
     def kb_for(self, name: str, param: str = "model") -> str:
-        """The KB a model id (``rag-<kb>``) or KB name refers to; 404 otherwise."""
+        """The KB(s) a model id or KB name refers to: ``rag-<kb>``, ``<kb>``, or several searched as
+        one (``rag-a+b``, ``a,b``), returned as ``a+b``; 404 when one does not exist."""
         names = self.service.names()
-        for kb in (name.removeprefix(MODEL_PREFIX), name):  # the second: a KB itself named "rag-..."
-            if kb in names:
-                return kb
-        known = ", ".join(MODEL_PREFIX + n for n in names) or "无 none (run rag ingest)"
-        raise ApiError(404, f"模型/知识库不存在 / model or knowledge base not found: {name!r}; 可用 available: {known}",
-                       "model_not_found", param)
+        found = []
+        for part in split_kbs(name.removeprefix(MODEL_PREFIX)) if "+" in name or "," in name else [name]:
+            for kb in (part.removeprefix(MODEL_PREFIX), part):  # the second: a KB itself named "rag-..."
+                if kb in names:
+                    found.append(kb)
+                    break
+            else:
+                known = ", ".join(MODEL_PREFIX + n for n in names) or "无 none (run rag ingest)"
+                raise ApiError(404, f"模型/知识库不存在 / model or knowledge base not found: {part!r}; "
+                                    f"可用 available: {known}（几个知识库一起：rag-a+b / several: rag-a+b）",
+                               "model_not_found", param)
+        return "+".join(dict.fromkeys(found))
 
     def answerer(self, kb: str) -> Answerer:
-        """The KB's answer chain (blocking on first use: opens the KB and its indexes)."""
+        """The answer chain of a KB or several (``a+b``); blocking on first use: opens the KBs' indexes."""
         try:
             return self.service.answerer(kb)
         except KnowledgeBaseNotFound as exc:
             raise ApiError(404, str(exc), "model_not_found", "model") from exc
+        except MixedEmbeddersError as exc:
+            raise ApiError(400, str(exc), "incompatible_knowledge_bases", "model") from exc
         except KnowledgeBaseError as exc:  # e.g. built with another embedder
             raise ApiError(503, str(exc), "knowledge_base_unavailable") from exc
+
+    @staticmethod
+    def where(filters: dict | None, param: str) -> Where:
+        """A request's metadata filter (400 ``invalid_filters`` with the reason when it cannot be read)."""
+        try:
+            return Where.from_mapping(filters)
+        except FilterError as exc:
+            raise ApiError(400, str(exc), "invalid_filters", param) from exc
 
 
 def _retrieval_routes(app: FastAPI, ctx: ApiContext, auth) -> None:
@@ -76,13 +97,14 @@ def _retrieval_routes(app: FastAPI, ctx: ApiContext, auth) -> None:
     async def search(body: SearchRequest):
         """Hybrid (or single-channel) retrieval: hits with fused score, dense and BM25 ranks and scores."""
         kb = ctx.kb_for(body.kb or ctx.settings.kb, "kb")
+        where = ctx.where(body.filters, "filters")
         limit = ctx.settings.max_question_chars
         if len(body.query) > limit:
             raise bad_request("question_too_long", "query", f"查询太长（{len(body.query)} 字，最多 {limit} 字）",
                                f"query too long ({len(body.query)} characters, at most {limit})")
 
         def run():
-            return ctx.answerer(kb).searcher.search(body.query, body.k, body.mode)
+            return ctx.answerer(kb).searcher.search(body.query, body.k, body.mode, where=where)
 
         async with slot(ctx.work_gate):
             hits = await run_in_threadpool(run)
@@ -91,7 +113,8 @@ def _retrieval_routes(app: FastAPI, ctx: ApiContext, auth) -> None:
             item = hit.to_dict()
             item.pop("source", None)
             data.append({"number": number, **item})
-        return {"object": "list", "kb": kb, "query": body.query, "mode": body.mode, "data": data}
+        return {"object": "list", "kb": kb, "query": body.query, "mode": body.mode, "filters": where.to_dict(),
+                "data": data}
 
     @app.post("/v1/embeddings", tags=["openai"], dependencies=auth)
     async def embeddings(body: EmbeddingRequest):
@@ -135,7 +158,7 @@ def _info_routes(app: FastAPI, ctx: ApiContext, auth) -> None:
 
     @app.get("/v1/models", tags=["openai"], dependencies=auth)
     async def list_models():
-        """One model per knowledge base: ``rag-<kb>``."""
+        """One model per knowledge base: ``rag-<kb>`` (several at once: ``rag-a+b``, not listed)."""
         return {"object": "list", "data": [model_card(kb) for kb in ctx.service.names()]}
 
     @app.get("/v1/models/{model_id}", tags=["openai"], dependencies=auth)

@@ -157,6 +157,7 @@ def chat_routes(app: FastAPI, ctx, auth) -> None:
     @app.post("/v1/chat/completions", tags=["openai"], dependencies=auth, description=CHAT_DESCRIPTION)
     async def chat_completions(body: ChatRequest, request: Request):
         kb = ctx.kb_for(body.model)
+        where = ctx.where(body.metadata, "metadata")
         # Up to max_request_bytes of client text: parsed in a worker thread, not on the event loop.
         question, history = await run_in_threadpool(parse_chat, body.messages, ctx.settings)
         requested = body.max_completion_tokens or body.max_tokens
@@ -169,7 +170,7 @@ def chat_routes(app: FastAPI, ctx, auth) -> None:
                     bool(body.stream_options and body.stream_options.include_usage))
 
         def start() -> Iterator[AnswerEvent]:
-            return ctx.answerer(kb).stream(question, history, max_tokens=requested)
+            return ctx.answerer(kb).stream(question, history, max_tokens=requested, where=where)
 
         if body.stream:
             await ctx.chat_gate.enter()

@@ -27,6 +27,7 @@ class FeedbackCitationBody(BaseModel):
     number: int = Field(ge=0)
     doc_id: str = Field(min_length=1)
     quote: str = ""
+    kb: str | None = Field(None, description="the citation's KB (answers over several KBs name it)")
 
 
 class FeedbackRequest(BaseModel):
@@ -71,6 +72,9 @@ def feedback_routes(app: FastAPI, ctx, auth) -> None:
             raise ApiError(400, "model 与 kb 只能给一个 / give model or kb, not both", "invalid_request", "kb")
         param = "kb" if body.kb else "model"
         kb = ctx.kb_for(body.kb or body.model or ctx.settings.kb, param)
+        if "+" in kb:  # an answer over several KBs: stored with its first citation's KB (else the first KB)
+            chosen = kb.split("+")
+            kb = next((c.kb for c in body.citations if c.kb in chosen), chosen[0])
         _check_bounds(body, ctx.settings)
         try:
             entry = FeedbackEntry(question=body.question, answer=body.answer, vote=body.vote, query=body.query,

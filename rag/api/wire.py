@@ -96,13 +96,18 @@ class ChatRequest(BaseModel):
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     n: int | None = None
+    metadata: dict[str, Any] | None = Field(None, description="metadata filter on the passages (rag.filters): "
+                                            '{"path", "title", "date_from", "date_to", "fields": {...}}')
 
 
 class SearchRequest(BaseModel):
     query: str = Field(min_length=1, description="at most RAG_MAX_QUESTION_CHARS characters")
-    kb: str | None = Field(None, description="KB name or rag-<kb>; default: the server's --kb")
+    kb: str | None = Field(None, description="KB name, rag-<kb>, or several: a+b; default: the server's --kb")
     k: int = Field(5, ge=1, le=50)
     mode: Literal["hybrid", "dense", "bm25"] = "hybrid"
+    filters: dict[str, Any] | None = Field(None, description='metadata filter: {"path": "news/" | ["a/", "*.pdf"], '
+                                           '"title": "…", "date_from": "2024-01", "date_to": "2024-06", '
+                                           '"fields": {"source": "…"}} or {"where": ["title~…", …]}')
 
 
 class EmbeddingRequest(BaseModel):
@@ -228,7 +233,8 @@ def footer(result: AnswerResult) -> str:
         for c in result.citations:
             # Titles of plain-text files are their first line: the file name reads better then.
             doc = c.title if c.title and len(c.title) <= 40 else c.doc_id
-            where = " · ".join(x for x in (doc, c.section, f"第{c.page}页" if c.page else "") if x)
+            kb = c.kb if len(result.kbs) > 1 else ""  # several KBs searched: each citation names its own
+            where = " · ".join(x for x in (kb, doc, c.section, f"第{c.page}页" if c.page else "") if x)
             lines.append(f"[{c.number}] {where}\n> 「{c.quote}」")
         parts.append(f"---\n{SOURCES_HEADING}\n\n" + "\n\n".join(lines))
     if result.unsupported_sentences:
