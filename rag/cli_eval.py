@@ -73,6 +73,7 @@ def cmd_eval(args) -> int:
     from rag.service import RagService
 
     service = RagService(settings, embedder=embedder)
+    service.check_name(settings.kb)  # an eval run scores one KB (its document ids and generation)
     searcher = service.searcher(settings.kb)  # one searcher for retrieval and answers
     answer_fn = _answer_fn(args, service)
     try:

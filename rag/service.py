@@ -120,6 +120,9 @@ class RagService:
     def check_name(name: str) -> str:
         """``name`` stripped, or ``KnowledgeBaseError`` when it cannot be a KB folder name."""
         name = (name or "").strip()
+        if len(split_kbs(name)) > 1:
+            raise KnowledgeBaseError(f"这里只能用一个知识库：{name}（几个知识库一起只用于检索和问答）"
+                                     f" / one knowledge base here: several are for search and answers only")
         if not KB_NAME.fullmatch(name):
             raise KnowledgeBaseError(
                 f"知识库名称不合法：{name!r}（可用中文、字母、数字、-、_、.，不能以 _ 或 . 开头，最多 64 个字符）"
