@@ -190,3 +190,46 @@ def test_thumbs_down_with_a_correction_is_stored(page, ui_app):
     assert (entries[-1].question, entries[-1].vote) == ("城市图书馆每周几闭馆？", -1)
     assert entries[-1].correction == "城市图书馆每周一闭馆，用于设备维护和图书整理"
     assert entries[-1].comment == "请写明闭馆原因" and entries[-1].citations
+
+
+def test_two_kbs_in_one_question_and_a_metadata_filter(page, ui_app, tmp_path):
+    """Last in the module: it adds a second KB to the shared app."""
+    app, _ = ui_app
+    docs = tmp_path / "第二库资料"
+    docs.mkdir()
+    (docs / "青石地铁建设.md").write_text(
+        "---\ntitle: 青石市地铁建设进展\ndate: 2023-06-15\nsource: 青石日报\n---\n# 青石市地铁建设进展\n\n"
+        "青石市已开通地铁线路5条，运营里程达到186公里。青石市地铁共有车站142座，其中换乘站18座。\n",
+        encoding="utf-8")
+    assert app.service.ingest("第二库", [docs], progress=False).ok
+    page.reload()  # the multi-select offers the KBs there are when the page loads
+    page.wait_for_selector("#rag-question textarea")
+    page.click("#rag-search-kbs input")
+    page.get_by_role("option", name="第二库").click()
+    page.keyboard.press("Escape")
+    answer = ask(page, "青石市共有多少辆新能源公交车？青石市开通了几条地铁线路？")
+    expect(answer).to_contain_text("3200辆")
+    expect(answer).to_contain_text("〔第二库〕《青石市地铁建设进展》")
+    expect(answer).to_contain_text("检索了 2 个知识库：测试库、第二库")
+    answer.locator("a.source", has_text="第二库").first.click()  # opens the document of ITS KB
+    panel = page.locator("#rag-citation")
+    expect(panel).to_contain_text("第二库")
+    expect(panel.locator("mark.quote").first).to_contain_text("地铁线路5条")
+
+    # A filter in the retrieval panel applies to the next question and is shown with its answer.
+    page.locator("#rag-details-box").get_by_text("检索详情与过滤").click()
+    page.fill("#rag-f-from textarea", "2023-01")
+    page.fill("#rag-f-fields textarea", "source=青石日报")
+    page.locator("#rag-f-fields textarea").blur()
+    expect(page.locator("#rag-f-status")).to_contain_text("当前过滤（用于之后的提问）：2023-01-01 至 … · source=青石日报")
+    answer = ask(page, "青石市开通了几条地铁线路？")
+    expect(answer).to_contain_text("地铁线路5条")
+    expect(answer).to_contain_text("过滤：2023-01-01 至 … · source=青石日报")
+    ARTIFACTS.joinpath("ui-multi-kb.png").unlink(missing_ok=True)
+    shot(page, "ui-multi-kb.png")
+
+    page.fill("#rag-f-to textarea", "2023-13")  # a bad filter: its message, nothing answered
+    answer = ask(page, "青石市开通了几条地铁线路？")
+    expect(answer).to_contain_text("截止日期")
+    page.click("#rag-f-clear")
+    expect(page.locator("#rag-f-status")).to_contain_text("未设置过滤")

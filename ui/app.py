@@ -22,11 +22,12 @@ import gradio as gr
 from starlette.middleware import Middleware
 
 from rag.config import Settings
+from rag.filters import HELP as FILTER_HELP
 from rag.load import SUPPORTED_SUFFIXES
 from rag.netguard import HostGuard, parse_allowed_hosts
 from ui.assets import BRIDGE_JS, CSS, SCROLL_TO_FOCUS_JS, theme
 from ui.bind import AUTH_USER, check_bind
-from ui.chat import FEEDBACK_TARGET_HINT, VOTES, ChatHandlers, new_votes
+from ui.chat import FEEDBACK_TARGET_HINT, NO_FILTER, VOTES, ChatHandlers, new_votes
 from ui.eval_panel import EvalHandlers, build_eval_tab
 from ui.kb_panel import DOC_HEADERS, KBHandlers
 from rag.service import RagService
@@ -87,6 +88,14 @@ class RagApp:
                                      allow_custom_value=True, elem_id="rag-kb")
                     with gr.Tabs():
                         with gr.Tab("对话", id="chat"):
+                            # Several KBs in one question; the 知识库 dropdown above stays the one managed.
+                            # Empty until the page loads (then the current KB, KBHandlers.scope): an API
+                            # caller that leaves it out searches the `kb` it passes.
+                            search_kbs = gr.Dropdown(
+                                label="检索的知识库（可多选） / knowledge bases to search",
+                                choices=self.kb_panel.choices(), value=[], multiselect=True,
+                                allow_custom_value=True, elem_id="rag-search-kbs",
+                                info="默认（或留空时）只检索上方的当前知识库；可同时选择多个（嵌入模型须相同），来源会标明所属知识库。")
                             chatbot = gr.Chatbot(
                                 label="对话", height=520, elem_id="rag-chat", render_markdown=False,
                                 sanitize_html=True, buttons=["copy"], feedback_options=("Like", "Dislike"), latex_delimiters=[],
@@ -108,8 +117,25 @@ class RagApp:
                                                            elem_id="rag-fb-correction")
                                 fb_refuse = gr.Checkbox(label="应当拒答（文档中没有答案）", elem_id="rag-fb-refuse")
                                 fb_submit = gr.Button("提交反馈", size="sm", elem_id="rag-fb-submit")
-                            with gr.Accordion("检索详情", open=True, visible=False) as details_box:
-                                details = gr.HTML(elem_id="rag-details")
+                            with gr.Accordion("检索详情与过滤 / retrieval details & filters", open=False,
+                                              elem_id="rag-details-box") as details_box:
+                                gr.Markdown("**按文档元数据过滤**（用于之后的提问）。" + FILTER_HELP,
+                                            elem_classes=["muted"])
+                                with gr.Row():
+                                    f_path = gr.Textbox(label="路径前缀或通配", placeholder="news/ 或 *.pdf，多个用逗号分隔",
+                                                        elem_id="rag-f-path")
+                                    f_title = gr.Textbox(label="标题包含", placeholder="如 十堰", elem_id="rag-f-title")
+                                with gr.Row():
+                                    f_from = gr.Textbox(label="日期从", placeholder="2024-01-01 / 2024-05 / 2024",
+                                                        elem_id="rag-f-from")
+                                    f_to = gr.Textbox(label="日期到", placeholder="2024-06-30 / 2024-06 / 2024",
+                                                      elem_id="rag-f-to")
+                                f_fields = gr.Textbox(label="其他条件（字段=值，多个用 ; 分隔）",
+                                                      placeholder="source=人民网; category=政策", elem_id="rag-f-fields")
+                                with gr.Row():
+                                    f_status = gr.Markdown(NO_FILTER, elem_id="rag-f-status")
+                                    f_clear = gr.Button("清除过滤", size="sm", scale=0, elem_id="rag-f-clear")
+                                details = gr.HTML(elem_id="rag-details", visible=False)
                         with gr.Tab("知识库", id="kb"):
                             kb_summary = gr.Markdown(elem_id="rag-kb-summary")
                             docs = gr.Dataframe(headers=DOC_HEADERS, interactive=False, wrap=True, elem_id="rag-docs")
@@ -148,7 +174,8 @@ class RagApp:
 
             # ---- chat: its own concurrency group, streamed
             gr.on([question.submit, send.click], self.chat.respond,
-                  [question, turns, kb, backend, top_k, base_url, api_key, model, show_details],
+                  [question, turns, kb, backend, top_k, base_url, api_key, model, show_details, search_kbs,
+                   f_path, f_title, f_from, f_to, f_fields],
                   [chatbot, turns, question, details], api_name="chat", concurrency_id="chat",
                   show_progress="hidden")
             bridge.cite(self.chat.cite, [turns], [citation, selected, fulldoc], api_visibility="private",
@@ -161,6 +188,12 @@ class RagApp:
             fb_submit.click(self.chat.submit_feedback,
                             [turns, votes, fb_vote, fb_comment, fb_correction, fb_refuse],
                             [votes, fb_vote, fb_comment, fb_correction, fb_refuse, fb_target], **feedback)
+            filters = [f_path, f_title, f_from, f_to, f_fields]
+            gr.on([e for box in filters for e in (box.blur, box.submit)], self.chat.filter_status, filters,
+                  [f_status], api_visibility="private", concurrency_limit=None, show_progress="hidden",
+                  trigger_mode="always_last")
+            f_clear.click(lambda: ("",) * len(filters) + (NO_FILTER,), None, [*filters, f_status],
+                          api_visibility="private", show_progress="hidden")
             show_details.change(self.chat.details, [turns, show_details], [details_box, details],
                                 api_visibility="private")
             backend.change(lambda b: gr.update(visible=b == "openai"), [backend], [openai_box],
@@ -173,8 +206,11 @@ class RagApp:
 
             # ---- knowledge bases: writes one at a time, apart from the chat
             view = [docs, to_delete, kb_summary]
-            blocks.load(self.kb_panel.load, [kb], [kb, *view], api_visibility="private")
+            blocks.load(self.kb_panel.load, [kb], [kb, *view], api_visibility="private").then(
+                self.kb_panel.scope, [kb, search_kbs], [search_kbs], api_visibility="private")
             kb.change(self.kb_panel.view, [kb], view, api_visibility="private")
+            kb.change(self.kb_panel.scope, [kb, search_kbs], [search_kbs], api_visibility="private",
+                      show_progress="hidden")
             write = dict(concurrency_id="kb-write", concurrency_limit=1)
             ingest.click(self.kb_panel.upload, [kb, upload], [*view, kb_status, upload], api_name="ingest", **write)
             delete.click(self.kb_panel.delete, [kb, to_delete], [*view, kb_status], api_name="remove_documents",

@@ -7,6 +7,7 @@ the ``RagService`` given at construction.
 from __future__ import annotations
 
 import logging
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -15,6 +16,8 @@ import gradio as gr
 
 from rag.answer_types import Answered, Retrieved, Token
 from rag.feedback import FeedbackEntry
+from rag.filters import FilterError, Where
+from rag.multi_kb import split_kbs
 from rag.store import KnowledgeBaseError
 from ui import render
 from ui.conversation import find_source, history, make_turn, to_markdown
@@ -27,6 +30,53 @@ log = logging.getLogger(__name__)
 FEEDBACK_TARGET_HINT = "反馈对象：最后一个回答（点回答下的 👍/👎 可选择其他回答）"
 # Plain text: a machine without an emoji font shows the thumbs as boxes.
 VOTES = [("有帮助（赞）", "up"), ("有问题（踩）", "down")]
+# What the filter panel says when nothing is filtered.
+NO_FILTER = "未设置过滤：检索全部文档 / no filter: all documents are searched"
+
+
+def filter_from_inputs(path: str | None = "", title: str | None = "", date_from: str | None = "",
+                       date_to: str | None = "", conditions: str | None = "") -> Where:
+    """The metadata filter the retrieval panel's inputs describe (all must hold).
+
+    Args:
+        path: path prefixes or globs (``news/``, ``*.pdf``), several separated by commas: any of them.
+        title: text the title contains.
+        date_from, date_to: inclusive bounds of the document date (``2024-01-01``, ``2024-05``, ``2024``).
+        conditions: free conditions, ``;``-separated: ``字段=值`` (jsonl field / front matter), or any
+            ``--where`` condition (``title~…``, ``date>=…``).
+
+    Raises:
+        FilterError: an input cannot be read (the message says what is wrong, in Chinese and English).
+    """
+    items = [f"path={p.strip()}" for p in re.split(r"[,，\n]", path or "") if p.strip()]
+    if (title or "").strip():
+        items.append(f"title~{title.strip()}")
+    for op, value, what in ((">=", date_from, "起始日期"), ("<=", date_to, "截止日期")):
+        if (value or "").strip():
+            try:
+                items.append(f"date{op}{value.strip()}")
+                Where.parse(items[-1])
+            except FilterError as exc:
+                raise FilterError(f"{what}：{exc}") from exc
+    items += [c for c in re.split(r"[;；\n]", conditions or "") if c.strip()]
+    return Where.parse(items)
+
+
+def filter_status(path: str = "", title: str = "", date_from: str = "", date_to: str = "",
+                  conditions: str = "") -> str:
+    """The line under the filter inputs: the active filter, or why it cannot be used."""
+    try:
+        where = filter_from_inputs(path, title, date_from, date_to, conditions)
+    except FilterError as exc:
+        return f"⚠ {exc}"
+    return f"当前过滤（用于之后的提问）：{where.describe()}" if where else NO_FILTER
+
+
+def feedback_kb(turn: dict) -> str:
+    """The KB that keeps feedback on a turn: its first citation's, else the first KB searched."""
+    result = turn["result"]
+    cited = [c.get("kb") for c in result.get("citations") or [] if c.get("kb")]
+    return cited[0] if cited else (result.get("kbs") or split_kbs(turn["kb"]) or [turn["kb"]])[0]
 
 
 def new_votes() -> dict:
@@ -50,8 +100,16 @@ class ChatHandlers:
         self.export_dir = export_dir
 
     def respond(self, message: str, turns: list[dict] | None, kb: str, backend: str, k: float,
-                base_url: str, api_key: str, model: str, show_details: bool):
-        """Answer one question, streaming. Yields (chatbot, turns, textbox, details)."""
+                base_url: str, api_key: str, model: str, show_details: bool,
+                search: list[str] | str | None = None, path: str | None = None, title: str | None = None,
+                date_from: str | None = None, date_to: str | None = None, conditions: str | None = None):
+        """Answer one question, streaming. Yields (chatbot, turns, textbox, details).
+
+        Args:
+            kb: the current KB (the one the 知识库 tab manages); searched when ``search`` is empty.
+            search: the KBs the question searches (the multi-select; a list, or "a,b").
+            path, title, date_from, date_to, conditions: the metadata filter (``filter_from_inputs``).
+        """
         question = (message or "").strip()
         turns = list(turns or [])
         if not question:
@@ -62,27 +120,38 @@ class ChatHandlers:
         def frame(content: str):
             return shown + [{"role": "assistant", "content": content}], turns, "", gr.skip()
 
-        yield frame(render.streaming_message("", "正在检索资料…"))
+        names = split_kbs(search or []) or split_kbs(kb or "")
+        try:  # a bad filter is the user's to fix: said before anything runs, the question kept
+            where = filter_from_inputs(path, title, date_from, date_to, conditions)
+        except FilterError as exc:
+            yield shown + [{"role": "assistant", "content": render.problem_message(str(exc))}], turns, question, \
+                gr.skip()
+            return
+        yield frame(render.streaming_message("", f"正在检索 {'、'.join(names)}…" if len(names) > 1 else "正在检索资料…"))
         choice = LLMChoice(backend or "extractive", (base_url or "").strip(), (api_key or "").strip(),
                            (model or "").strip())
         result, text = None, ""
         try:
-            answerer = self.service.answerer(kb, choice)
-            for event in answerer.stream(question, history(turns), choice.backend, int(k)):
+            answerer = self.service.answerer(names, choice)
+            for event in answerer.stream(question, history(turns), choice.backend, int(k), where=where):
                 if isinstance(event, Retrieved):
                     status = (f"已找到 {len(event.passages)} 段资料，正在生成回答…" if event.passages
-                              else "没有找到相关资料")
+                              else "没有找到相关资料" + ("（已按过滤条件检索）" if where else ""))
                     yield frame(render.streaming_message(text, status))
                 elif isinstance(event, Token):
                     text += event.text
                     yield frame(render.streaming_message(text, "正在生成…"))
                 elif isinstance(event, Answered):
                     result = event.result
+        except (KnowledgeBaseError, FilterError) as exc:  # e.g. KBs of different embedders: the reason, as is
+            log.info("question refused: %s", exc)
+            yield frame(render.problem_message(str(exc)))
+            return
         except Exception as exc:  # shown in the chat; the session and the server keep going
             log.exception("answer failed")
             yield frame(render.error_message(str(exc)))
             return
-        turns.append(make_turn(question, kb, result))
+        turns.append(make_turn(question, "+".join(result.kbs or names), result))
         details = render.details_html(turns[-1]) if show_details else gr.skip()
         yield chat_messages(turns), turns, "", details
 
@@ -102,7 +171,14 @@ class ChatHandlers:
         return gr.update(value=render.full_document_html(source, doc), visible=True)
 
     def details(self, turns: list[dict] | None, show: bool):
-        return gr.update(visible=bool(show)), render.details_html(turns[-1] if turns else None)
+        """The 设置 tab's "show retrieval details": opens the panel (its filters are always there)
+        and shows or hides the details of the last answer. Returns (panel, details)."""
+        return (gr.update(open=True) if show else gr.skip(),
+                gr.update(value=render.details_html(turns[-1] if turns else None), visible=bool(show)))
+
+    @staticmethod
+    def filter_status(path: str, title: str, date_from: str, date_to: str, conditions: str) -> str:
+        return filter_status(path, title, date_from, date_to, conditions)
 
     def export(self, turns: list[dict] | None):
         if not turns:
@@ -125,7 +201,7 @@ class ChatHandlers:
         entry = FeedbackEntry.from_record({"question": turn["question"], **turn["result"]}, vote, comment=comment,
                                           correction=correction, should_refuse=should_refuse)
         entry.id = votes["ids"].get(index)
-        entry_id = self.service.add_feedback(turn["kb"], entry)
+        entry_id = self.service.add_feedback(feedback_kb(turn), entry)
         return {"last": index, "ids": {**votes["ids"], index: entry_id}, "votes": {**votes["votes"], index: vote}}
 
     @staticmethod

@@ -51,11 +51,11 @@ def find_source(turns: list[dict], key: str) -> dict | None:
         found = next((c for c in result["citations"] if c["number"] == number), None)
         if found is None:
             return None
-        return dict(found, kind="citation", kb=turn["kb"])
+        return dict(found, kind="citation", kb=found.get("kb") or turn["kb"])  # several KBs: the cited one
     if not 1 <= number <= len(result["passages"]):
         return None
     p = result["passages"][number - 1]
-    return {"kind": "passage", "number": number, "kb": turn["kb"], "doc_id": p["doc_id"], "title": p["title"],
+    return {"kind": "passage", "number": number, "kb": p.get("kb") or turn["kb"], "doc_id": p["doc_id"], "title": p["title"],
             "section": p["section"], "page": p["page"], "start": p["start"], "end": p["end"],
             "quote": "", "quote_start": None, "quote_end": None}
 
@@ -70,12 +70,21 @@ def where(title: str, section: str, page: int | None, doc_id: str = "") -> str:
     return " · ".join(parts)
 
 
+def describe_filters(filters: dict) -> str:
+    """A stored result's filter (``Where.to_dict()``) as ``Where.describe()`` writes it."""
+    from rag.filters import Where
+
+    return Where.from_mapping(filters).describe()
+
+
 def to_markdown(turns: list[dict]) -> str:
     """The whole conversation as Markdown: questions, answers with [n], and their sources."""
     lines = ["# 对话记录", "", f"导出时间：{time.strftime('%Y-%m-%d %H:%M:%S')}", ""]
     for i, turn in enumerate(turns, 1):
         r = turn["result"]
-        lines += [f"## {i}. {turn['question']}", "", f"*知识库：{turn['kb']} · 模型：{r['backend']}*", ""]
+        shown = f" · 过滤：{describe_filters(r['filters'])}" if r.get("filters") else ""
+        lines += [f"## {i}. {turn['question']}", "", f"*知识库：{turn['kb']} · 模型：{r['backend']}{shown}*", ""]
+        several = len(r.get("kbs") or []) > 1
         if r["refused"]:
             lines += [f"> {r['answer']}", ""]
             if r["passages"]:
@@ -92,7 +101,8 @@ def to_markdown(turns: list[dict]) -> str:
         if r["citations"]:
             lines += ["**来源**", ""]
             for c in r["citations"]:
-                lines.append(f"[{c['number']}] {where(c['title'], c['section'], c['page'], c['doc_id'])}"
+                kb = f"〔{c['kb']}〕" if several and c.get("kb") else ""  # several KBs: each source names its own
+                lines.append(f"[{c['number']}] {kb}{where(c['title'], c['section'], c['page'], c['doc_id'])}"
                              f"（{c['doc_id']}）")
                 lines.append(f"> {c['quote']}")
                 lines.append("")

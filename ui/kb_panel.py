@@ -13,11 +13,23 @@ from pathlib import Path
 
 import gradio as gr
 
-from rag.store import KnowledgeBaseError
+from rag.multi_kb import split_kbs
+from rag.store import DocumentInfo, KnowledgeBaseError
 from rag.service import RagService, UploadError
 
 log = logging.getLogger(__name__)
-DOC_HEADERS = ["文件", "标题", "片段数", "加入时间"]
+# 日期: what date filters compare (front matter / jsonl ``date``, else the file's mtime);
+# 元数据: the other fields a "字段=值" filter can test.
+DOC_HEADERS = ["文件", "标题", "日期", "元数据", "片段数", "加入时间"]
+META_CHARS = 80  # the 元数据 cell is clipped to this
+
+
+def meta_text(doc: DocumentInfo) -> str:
+    """A document's metadata fields as ``key=value; …`` (date and title have their own columns)."""
+    fields = [f"{k}={v}" for k, v in (doc.meta or {}).items()
+              if k not in ("date", "title", "id", "text") and v not in (None, "", [], {})]
+    text = "; ".join(fields)
+    return text if len(text) <= META_CHARS else text[:META_CHARS] + "…"
 
 
 def _forget_uploads(files: list[str]) -> None:
@@ -51,11 +63,21 @@ class KBHandlers:
     def view(self, kb: str):
         """(document table, delete choices, summary) of one KB."""
         docs = self.service.documents(kb)
-        rows = [[d.doc_id, d.title, d.chunks, time.strftime("%Y-%m-%d %H:%M", time.localtime(d.added_at))]
-                for d in docs]
+        rows = [[d.doc_id, d.title, d.date or "", meta_text(d), d.chunks,
+                 time.strftime("%Y-%m-%d %H:%M", time.localtime(d.added_at))] for d in docs]
         summary = (f"知识库 **{kb}**：{len(docs)} 个文档 · {sum(d.chunks for d in docs)} 个片段" if docs
                    else f"知识库 **{kb}** 还没有文档，请上传文件。")
         return rows, gr.update(choices=[d.doc_id for d in docs], value=[]), summary
+
+    def scope(self, kb: str, selected: list[str] | str | None):
+        """The chat's "KBs to search" multi-select after the current KB changed (or on load, or
+        after a KB was created): every KB offered; the selection follows the current KB when it
+        was one KB or none (the default); a choice of several is the user's and stays as it is."""
+        kb = (kb or self.service.settings.kb or "").strip()
+        selected = split_kbs(selected or [])
+        value = selected if len(selected) > 1 else [kb]
+        choices = sorted(set(self.choices(kb)) | set(value))
+        return gr.update(choices=choices, value=[name for name in value if name])
 
     def load(self, kb: str):
         kb = kb or self.service.settings.kb

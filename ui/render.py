@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import html
 
+from rag.filters import FilterError, Where
 from rag.zh import MARKER, marker_numbers, split_trailing
 from ui.conversation import cite_key, where
 
@@ -58,11 +59,42 @@ def _sentence_html(turn: int, sentence: dict, titles: dict[int, str]) -> str:
             f'{inner}<span class="flag">⚠未核实</span></span>')
 
 
+def several_kbs(result: dict) -> bool:
+    """Whether the answer searched more than one knowledge base (then every source names its KB)."""
+    return len(result.get("kbs") or []) > 1
+
+
+def source_name(result: dict, item: dict) -> str:
+    """``《标题》 · 章节 · 第3页`` of a citation or passage, ``〔知识库〕`` first when several were searched."""
+    name = where(item["title"], item["section"], item["page"], item["doc_id"])
+    return f"〔{item['kb']}〕{name}" if several_kbs(result) and item.get("kb") else name
+
+
+def filter_text(filters: dict | None) -> str:
+    """One line for a stored filter (``AnswerResult.filters``), "" when none."""
+    if not filters:
+        return ""
+    try:
+        return Where.from_mapping(filters).describe()
+    except FilterError:  # stored by an older version: show it raw rather than nothing
+        return str(filters)
+
+
+def scope_line(result: dict) -> str:
+    """What the answer searched, under the answer: the KBs when several, the metadata filter if any."""
+    parts = []
+    if several_kbs(result):
+        parts.append(f"检索了 {len(result['kbs'])} 个知识库：{'、'.join(result['kbs'])}")
+    if described := filter_text(result.get("filters")):
+        parts.append(f"过滤：{described}")
+    return f'<div class="notice scope">{esc(" · ".join(parts))}</div>' if parts else ""
+
+
 def answer_message(turn: int, result: dict) -> str:
     """A finished answer: clickable [n] chips, unsupported sentences marked, sources listed."""
     if result["refused"]:
         return refusal_message(turn, result)
-    titles = {c["number"]: where(c["title"], c["section"], c["page"], c["doc_id"]) for c in result["citations"]}
+    titles = {c["number"]: source_name(result, c) for c in result["citations"]}
     if result["sentences"]:
         body = "".join(_sentence_html(turn, s, titles) for s in result["sentences"])
     else:  # nothing to verify sentence by sentence: still make the markers clickable
@@ -78,6 +110,7 @@ def answer_message(turn: int, result: dict) -> str:
             for c in result["citations"])
         parts.append(f'<div class="sources"><div class="sources-title">来源（点击查看原文）</div><ol>{items}</ol></div>')
     parts.append(_notice(result))
+    parts.append(scope_line(result))
     return "".join(parts)
 
 
@@ -87,17 +120,24 @@ def refusal_message(turn: int, result: dict) -> str:
     if result["passages"]:
         items = "".join(
             f'<li><a class="source" href="#cite-{cite_key(turn, "p", p["number"])}">'
-            f'<b>[{p["number"]}]</b> {esc(where(p["title"], p["section"], p["page"], p["doc_id"]))}'
+            f'<b>[{p["number"]}]</b> {esc(source_name(result, p))}'
             f'<span class="quote">{esc(_clip(p["text"], 50))}</span></a></li>'
             for p in result["passages"][:3])
         parts.append(f'<div class="sources closest"><div class="sources-title">最接近的段落（仅供参考，未必能回答问题）</div>'
                      f'<ol>{items}</ol></div>')
     parts.append(_notice(result))
+    parts.append(scope_line(result))
     return "".join(parts)
 
 
 def error_message(message: str) -> str:
     return f'<div class="refusal error">⚠ 出错了：{esc(message)}</div>'
+
+
+def problem_message(message: str) -> str:
+    """A question that cannot be searched as asked (a bad filter, KBs that cannot be searched
+    together, a missing KB): the reason, to act on, not an error report."""
+    return f'<div class="refusal problem">⚠ {esc(message)}</div>'
 
 
 def _notice(result: dict) -> str:
@@ -168,7 +208,7 @@ def details_html(turn: dict | None) -> str:
         return '<div class="muted">提问后这里显示检索详情。</div>'
     r = turn["result"]
     rows = "".join(
-        f'<tr><td>[{p["number"]}]</td><td>{esc(where(p["title"], p["section"], p["page"], p["doc_id"]))}</td>'
+        f'<tr><td>[{p["number"]}]</td><td>{esc(source_name(r, p))}</td>'
         f'<td>{_num(p["score"], 4)}</td>'
         f'<td>{"#" + str(p["dense_rank"]) if p["dense_rank"] else "—"} / {_num(p["dense_score"], 3)}</td>'
         f'<td>{"#" + str(p["bm25_rank"]) if p["bm25_rank"] else "—"} / {_num(p["bm25_score"], 2)}</td></tr>'
@@ -177,7 +217,10 @@ def details_html(turn: dict | None) -> str:
     parts = r.get("parts") or []
     split = (f'<div><b>拆分为 {len(parts)} 个子问题</b>（各自检索、各自回答）：'
              + "；".join(f"{i}. {esc(p)}" for i, p in enumerate(parts, 1)) + "</div>") if parts else ""
-    return (f'<div class="details"><div><b>检索用的问题</b>（改写后）：{esc(r["query"])}</div>{split}'
+    scope = f'<div><b>知识库</b>：{esc("、".join(r.get("kbs") or [turn["kb"]]))}</div>'
+    if described := filter_text(r.get("filters")):
+        scope += f'<div><b>过滤</b>：{esc(described)}</div>'
+    return (f'<div class="details"><div><b>检索用的问题</b>（改写后）：{esc(r["query"])}</div>{split}{scope}'
             f'<div><b>模型</b>：{esc(r["backend"])} · <b>用时</b>：{esc(timings)}</div>'
             f'<table><thead><tr><th>#</th><th>文档 · 章节</th><th>融合分</th><th>向量 排名/分数</th>'
             f'<th>BM25 排名/分数</th></tr></thead><tbody>{rows}</tbody></table></div>')
