@@ -1,18 +1,19 @@
 """``rag eval-gen --kb K -n 50 [--out FILE] [--seed S] [--kinds single,two-part,negative]``:
 draft a ``rag eval`` question set from the KB's own passages with the local LLM
-(``rag.eval_gen``). Every question is written with ``"status": "draft"`` (``rag eval`` ignores the
-key) for review before use; the counts per kind and the rejected LLM drafts per reason are printed.
+(``rag.eval_gen``). Every question is written with ``"status": "draft"`` for review before use:
+``rag eval`` refuses a file holding drafts. Review them in the UI (评测 → 审核草稿 loads this file),
+which saves the accepted ones as a runnable set. The counts per kind and the rejected LLM drafts per
+reason are printed.
 """
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 
 def cmd_eval_gen(args) -> int:
     from rag.cli import _settings
-    from rag.eval_gen import KINDS, GenStats, as_rows, draft_questions
+    from rag.eval_gen import KINDS, GenStats, as_rows, draft_questions, write_rows
     from rag.service import RagService
 
     settings = _settings(args)
@@ -29,13 +30,11 @@ def cmd_eval_gen(args) -> int:
     say = (lambda line: print(line, file=sys.stderr)) if args.verbose else None
     drafts = draft_questions(service, settings.kb, args.n, kinds=kinds, seed=args.seed, stats=stats, progress=say,
                              max_calls=args.max_calls)
-    out = Path(args.out or f"eval-gen-{settings.kb}.jsonl")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in as_rows(drafts)), encoding="utf-8")
-    tmp.replace(out)
+    out = write_rows(Path(args.out or f"eval-gen-{settings.kb}.jsonl"), as_rows(drafts))
     print(stats.summary())
-    print(f"已写入 written: {out}  ({len(drafts)} 条草稿, 使用前请审核 review before use; rag eval {out} --kb {settings.kb})")
+    print(f"已写入 written: {out}  ({len(drafts)} 条草稿 drafts)\n"
+          f"使用前请审核：rag serve --kb {settings.kb} → 评测 → 审核草稿 → 载入此文件；rag eval 不运行未审核的草稿"
+          f" / review before use in the UI (评测 → 审核草稿, load this file): rag eval refuses unreviewed drafts")
     return 0
 
 

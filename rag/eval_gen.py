@@ -15,13 +15,22 @@ Three kinds of :class:`Draft`, every one ``status="draft"`` until a person revie
 
 Deterministic for a seed: the seed orders the passages and picks replacement places; the
 model runs at temperature 0.
+
+Review (the 评测 tab's 审核草稿 screen, ``ui.review_panel``): the drafts live in one JSONL file per KB,
+``<home>/<kb>/eval-drafts.jsonl`` (:func:`drafts_file`), each row's ``status`` turned from ``"draft"``
+into ``"accepted"`` or ``"rejected"`` as a person reviews it (:func:`write_rows` replaces the file
+atomically after every decision). The accepted rows are saved as ``eval-accepted.jsonl``
+(:func:`accepted_file`); ``rag.eval_questions.load_questions`` refuses any file still holding a row
+whose status is not ``"accepted"``.
 """
 from __future__ import annotations
 
+import json
 import random
 import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable, Literal
 
 from rag import zh
@@ -37,6 +46,10 @@ _WS = re.compile(r"\s+")
 _LINE = {key: re.compile(rf"^\s*{key}\s*[:：]\s*(.+?)\s*$", re.M) for key in ("问题", "答案", "原文")}
 _WRAP = "「」『』“”\"'‘’《》【】 "
 _END = "？?。．.!！;；，, "
+# Review states of a drafted row; only "accepted" rows may be run (rag.eval_questions).
+STATUSES: tuple[str, ...] = ("draft", "accepted", "rejected")
+DRAFTS_FILE = "eval-drafts.jsonl"  # the KB's drafts under review, in the KB folder
+ACCEPTED_FILE = "eval-accepted.jsonl"  # the accepted ones, a runnable question set
 
 REJECT_REASONS = {
     "format": "输出不合格式 output not in the three-line format",
@@ -62,6 +75,7 @@ class Draft:
     status: str = "draft"
     sources: list[int] = field(default_factory=list)  # chunk ids the draft was written from
     note: str = ""  # e.g. the place a negative replaced: "宜昌市→孝感市"
+    source_docs: list[str] = field(default_factory=list)  # default: gold_docs
 
     def to_question(self) -> dict:
         """The ``rag eval`` question line (unknown keys such as ``status`` are ignored by it)."""
@@ -77,6 +91,9 @@ class Draft:
             row["gold_docs"] = list(dict.fromkeys(self.gold_docs))
             row["gold_quotes"] = list(self.gold_quotes)
         row["sources"] = list(self.sources)
+        # the documents the draft was written from (a negative has no gold_docs): review shows
+        # their passages, and deleting one of them drops the draft
+        row["source_docs"] = list(dict.fromkeys(self.source_docs or self.gold_docs))
         if self.note:
             row["note"] = self.note
         return row
@@ -281,14 +298,16 @@ def make_negative(draft: Draft, corpus: str, rng: random.Random, draft_id: str) 
         if _bare(new) in draft.question or new in draft.question:
             continue
         question = draft.question.replace(old, new, 1)
-        return Draft(draft_id, "negative", question, sources=list(draft.sources), note=f"{old}→{new} ({draft.id})")
+        return Draft(draft_id, "negative", question, sources=list(draft.sources), note=f"{old}→{new} ({draft.id})",
+                     source_docs=list(draft.gold_docs))
     return None
 
 
 # ----------------------------------------------------------------------------- all kinds
 def draft_questions(service, kb: str, n: int, kinds=KINDS, seed: int = 0, model=None,
                     stats: GenStats | None = None, progress: Callable[[str], None] | None = None,
-                    max_calls: int | None = None) -> list[Draft]:
+                    max_calls: int | None = None,
+                    on_call: Callable[[int, int, int, int], None] | None = None) -> list[Draft]:
     """Draft ``n`` questions (shared among ``kinds`` by :func:`quotas`) from the KB ``kb``.
 
     Args:
@@ -297,6 +316,8 @@ def draft_questions(service, kb: str, n: int, kinds=KINDS, seed: int = 0, model=
         model: a LangChain chat model to use instead (``invoke(str)`` returning ``.content``).
         stats: filled with the LLM calls, rejections per reason and kept drafts per kind.
         max_calls: LLM calls at most (default ``3 * n + 6``).
+        on_call: after each LLM call, ``on_call(calls, max_calls, singles kept, singles needed)``
+            (a progress bar: drafting ends at ``max_calls`` or once enough singles are kept).
     """
     from rag.templates import load_prompt
 
@@ -327,6 +348,9 @@ def draft_questions(service, kb: str, n: int, kinds=KINDS, seed: int = 0, model=
         if enough() or stats.llm_calls >= max_calls:
             break
         result = draft_single(model, passage, prompt, stats)
+        if on_call:
+            need = max(want.get("single", 0), 2 * need_pairs)
+            on_call(stats.llm_calls, max_calls, len(singles) + (not isinstance(result, str)), need)
         if isinstance(result, str):
             stats.rejected[result] += 1
             continue
@@ -374,5 +398,83 @@ def as_rows(drafts: list[Draft]) -> list[dict]:
     return [d.to_question() for d in drafts]
 
 
+# ----------------------------------------------------------------------------- files and review
+def drafts_file(kb_dir: Path) -> Path:
+    """The KB's drafts under review (``<home>/<kb>/eval-drafts.jsonl``)."""
+    return Path(kb_dir) / DRAFTS_FILE
+
+
+def accepted_file(kb_dir: Path) -> Path:
+    """The KB's reviewed question set: the accepted drafts (``<home>/<kb>/eval-accepted.jsonl``)."""
+    return Path(kb_dir) / ACCEPTED_FILE
+
+
+def write_rows(path: Path, rows: list[dict]) -> Path:
+    """Write question rows as JSONL, replacing ``path`` atomically (a reader never sees half a file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+def read_rows(path: Path) -> list[dict]:
+    """Rows of a drafts file (``rag eval-gen`` output or a review file); ``ValueError`` naming the line
+    when one is not a JSON object with ``id`` and ``question``, or repeats an id."""
+    rows, seen = [], set()
+    for line_no, line in enumerate(Path(path).read_text(encoding="utf-8-sig").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as exc:
+            raise ValueError(f"{Path(path).name}:{line_no}: not JSON ({exc})") from exc
+        if not isinstance(row, dict) or not row.get("id") or not row.get("question"):
+            raise ValueError(f"{Path(path).name}:{line_no}: a row needs 'id' and 'question'")
+        if row["id"] in seen:
+            raise ValueError(f"{Path(path).name}:{line_no}: duplicate id {row['id']!r}")
+        seen.add(row["id"])
+        row.setdefault("status", "draft")
+        if row["status"] not in STATUSES:
+            raise ValueError(f"{Path(path).name}:{line_no}: status {row['status']!r} is not one of {STATUSES}")
+        rows.append(row)
+    return rows
+
+
+def row_kind(row: dict) -> str:
+    """The draft kind of a row (``type``; a row without gold counts as negative)."""
+    kind = row.get("type") or ""
+    if kind in KINDS:
+        return kind
+    return "negative" if not (row.get("gold_quotes") or row.get("gold_ids")) else "single"
+
+
+def survival(rows: list[dict]) -> dict[str, Counter]:
+    """Per kind (and ``"all"``): drafted, reviewed, accepted, rejected counts."""
+    out: dict[str, Counter] = {k: Counter() for k in (*KINDS, "all")}
+    for row in rows:
+        for key in (row_kind(row), "all"):
+            c = out.setdefault(key, Counter())
+            c["drafted"] += 1
+            if row.get("status") in ("accepted", "rejected"):
+                c["reviewed"] += 1
+                c[row["status"]] += 1
+    return out
+
+
+def locate(quote: str, text: str) -> tuple[int, int] | None:
+    """``(start, end)`` of ``quote`` in ``text`` ignoring whitespace on both sides, or None."""
+    target = squash(quote)
+    if not target:
+        return None
+    chars = [i for i, c in enumerate(text) if not c.isspace()]
+    at = "".join(text[i] for i in chars).find(target)
+    if at < 0:
+        return None
+    return chars[at], chars[at + len(target) - 1] + 1
+
+
 __all__ = ["Draft", "GenStats", "KINDS", "draft_questions", "quotas", "check_single", "parse_reply",
-           "combine_two", "make_negative", "kb_text", "sample_passages", "squash", "as_rows", "asdict"]
+           "combine_two", "make_negative", "kb_text", "sample_passages", "squash", "as_rows", "asdict", "STATUSES",
+           "drafts_file", "accepted_file", "write_rows", "read_rows", "row_kind", "survival", "locate"]

@@ -98,16 +98,32 @@ class Question:
         return (resolve_followup(self.question, previous) if previous else None) or self.question
 
 
+class UnreviewedDrafts(ValueError):
+    """A question file still holding drafted questions nobody has accepted (``rag eval-gen``)."""
+
+
 def load_questions(path: Path, limit: int | None = None) -> list[Question]:
-    """Read a questions JSONL file (either format); ``limit`` keeps the first N."""
+    """Read a questions JSONL file (either format); ``limit`` keeps the first N.
+
+    Raises:
+        UnreviewedDrafts: a row carries a ``status`` other than ``"accepted"`` (a ``rag eval-gen``
+            draft not yet reviewed, or one rejected in review). The whole file is refused rather
+            than those rows skipped: metrics over the reviewed part of a set would pass for the set's.
+    """
     questions = []
     seen = set()
+    unreviewed: dict[str, list[int]] = {}
     with Path(path).open(encoding="utf-8-sig") as fh:
         for line_no, line in enumerate(fh, 1):
             if not line.strip():
                 continue
             try:
-                q = Question.from_dict(json.loads(line))
+                row = json.loads(line)
+                status = row.get("status") if isinstance(row, dict) else None
+                if status not in (None, "", "accepted"):
+                    unreviewed.setdefault(str(status), []).append(line_no)
+                    continue
+                q = Question.from_dict(row)
             except ValueError as exc:
                 raise ValueError(f"{path}:{line_no}: {exc}") from exc
             if q.id in seen:
@@ -116,6 +132,13 @@ def load_questions(path: Path, limit: int | None = None) -> list[Question]:
             questions.append(q)
             if limit and len(questions) >= limit:
                 break
+    if unreviewed:
+        counts = "，".join(f"{len(lines)} 条 status={status}（第 {lines[0]} 行起）" for status, lines in unreviewed.items())
+        raise UnreviewedDrafts(
+            f"{path}: 含未审核或已拒绝的草稿：{counts}。草稿须先审核：界面“评测 → 审核草稿”载入此文件逐条接受或拒绝，"
+            f"再“保存已接受的题目”得到可运行的题集 / holds rows not accepted in review "
+            f"({', '.join(f'{len(v)} {k}' for k, v in unreviewed.items())}): review them in the UI "
+            f"(评测 → 审核草稿) and run the saved accepted set")
     return questions
 
 

@@ -6,9 +6,9 @@ import random
 
 import pytest
 
-from rag.eval_gen import (Draft, GenStats, as_rows, check_single, combine_two, draft_questions, kb_text,
-                          make_negative, parse_reply, quotas, squash)
-from rag.eval_questions import load_questions
+from rag.eval_gen import (Draft, GenStats, as_rows, check_single, combine_two, draft_questions, kb_text, locate,
+                          make_negative, parse_reply, quotas, read_rows, squash, survival, write_rows)
+from rag.eval_questions import UnreviewedDrafts, load_questions
 from rag.places import place_names
 from rag import zh
 from tests.conftest import ui_settings, write_ui_docs
@@ -49,18 +49,24 @@ def test_rules_without_llm():
     assert neg is not None and neg.kind == "negative" and "宜昌" not in neg.question
     new = neg.note.split("→")[1].split(" ")[0]
     assert new in place_names() and zh.normalise(new) not in corpus and new in neg.question
+    assert neg.to_question()["source_docs"] == ["z"] and "gold_docs" not in neg.to_question()
+    assert locate("充电站 58座", passage) == (passage.index("充电站"), passage.index("58座") + 3)
+    assert locate("充电站58座，充电桩", passage) is not None and locate("60座", passage) is None
 
 
 def test_draft_questions_on_tiny_kb(gen_kb, tmp_path):
     service, _ = gen_kb
     stats = GenStats()
-    drafts = draft_questions(service, "生成库", 4, seed=1, stats=stats, max_calls=6)
+    calls = []
+    drafts = draft_questions(service, "生成库", 4, seed=1, stats=stats, max_calls=6,
+                             on_call=lambda *args: calls.append(args))
     store = service.searcher("生成库").kb
     corpus = kb_text(store)
     print(stats.summary())
     for d in drafts:
         print(d.kind, d.question, d.answers, d.gold_quotes, d.note)
     assert stats.llm_calls >= 1 and drafts, stats.summary()
+    assert [c[0] for c in calls] == list(range(1, stats.llm_calls + 1)) and all(c[1] == 6 for c in calls)
     assert all(d.status == "draft" for d in drafts)
     for d in drafts:
         for quote, doc in zip(d.gold_quotes, d.gold_docs):
@@ -74,11 +80,16 @@ def test_draft_questions_on_tiny_kb(gen_kb, tmp_path):
             old, new = d.note.split(" ")[0].split("→")
             assert new in d.question and new in place_names() and zh.normalise(new) not in corpus
 
-    out = tmp_path / "gen.jsonl"
-    out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in as_rows(drafts)), encoding="utf-8")
-    loaded = load_questions(out)
-    assert [q.id for q in loaded] == [d.id for d in drafts]
+    out = write_rows(tmp_path / "gen.jsonl", as_rows(drafts))
     assert all(json.loads(line)["status"] == "draft" for line in out.read_text(encoding="utf-8").splitlines())
+    with pytest.raises(UnreviewedDrafts):  # drafts are never run before review
+        load_questions(out)
+    rows = read_rows(out)
+    assert survival(rows)["all"]["drafted"] == len(drafts) and not survival(rows)["all"]["reviewed"]
+    for row in rows:
+        row["status"] = "accepted"
+    loaded = load_questions(write_rows(out, rows))
+    assert [q.id for q in loaded] == [d.id for d in drafts]
     for q, d in zip(loaded, drafts):
         assert q.negative == (d.kind == "negative")
         assert q.gold_quotes == d.gold_quotes

@@ -4,6 +4,9 @@ Pick a questions ``.jsonl``, search the selected KB or a KB built from an upload
 corpus (``ensure_corpus_kb``), watch a progress bar, then read the metrics, the
 hit@k plot and ``report.md``; clicking a worst miss shows what was retrieved for it.
 
+Its 审核草稿 sub-tab (``ui.review_panel``) reviews drafted questions (``rag eval-gen``) and
+hands the accepted ones to the run sub-tab.
+
 Each run writes its own folder ``<home>/_eval_runs/<timestamp>`` (the ``_`` keeps it
 out of the KB list); the folder of a session's last run travels in a ``gr.State``.
 Its log and report quote retrieved passages, so deleting a document from a KB also
@@ -28,6 +31,7 @@ from rag.evaluate import DEPTH, ensure_corpus_kb, load_questions, run_eval, wors
 from rag.feedback import export_questions
 from rag.store import KnowledgeBase, KnowledgeBaseError
 from ui.render import esc
+from ui.review_panel import ReviewHandlers, build_review_tab
 from rag.service import LLMChoice, RagService
 
 log = logging.getLogger(__name__)
@@ -132,6 +136,7 @@ class EvalHandlers:
         self.export_dir = Path(export_dir)
         self._active: set[Path] = set()  # run folders being written (resolved paths)
         self._active_lock = threading.Lock()
+        self.review = ReviewHandlers(service, export_dir)  # the 审核草稿 sub-tab
 
     @property
     def runs_root(self) -> Path:
@@ -175,6 +180,8 @@ class EvalHandlers:
             removed.append(run.name)
         if removed:
             log.info("deleted %d eval run(s) of %s quoting %s: %s", len(removed), kb, sorted(wanted), removed)
+        # Drafted and accepted questions quote the documents too (their gold quotes).
+        removed += self.review.purge(kb, wanted)
         return removed, skipped
 
     def from_feedback(self, kb: str):
@@ -333,36 +340,38 @@ def build_eval_tab(handlers: EvalHandlers, kb: gr.Dropdown, llm: list[gr.compone
             evaluated with the model the user configured there.
     """
     s = handlers.service.settings
-    with gr.Tab("评测", id="eval"):
-        gr.Markdown("上传问题集（`.jsonl`，每行一个问题：`gold_ids` 或 `gold_docs` + `gold_quotes`，"
-                    "格式见 eval/README.md），评测检索（可选：回答）的质量。")
-        with gr.Row():
-            questions = gr.File(label="问题集 .jsonl", file_types=[".jsonl"], type="filepath",
-                                elem_id="rag-eval-questions")
-            corpus = gr.File(label="语料 .jsonl（选“上传语料”时使用）", file_types=[".jsonl"], type="filepath",
-                             elem_id="rag-eval-corpus")
-        from_feedback = gr.Button("用反馈生成题集", size="sm", elem_id="rag-eval-from-feedback")
-        source = gr.Radio(SOURCES, value="current", label="在哪个知识库上评测", elem_id="rag-eval-source")
-        with gr.Row():
-            retrieval_only = gr.Checkbox(value=True, label="只评测检索",
-                                         info="取消勾选则同时评测回答，回答模型用“设置”页中的选择")
-            mode = gr.Radio(MODES, value="hybrid", label="检索方式")
-        with gr.Row():
-            k = gr.Slider(1, 10, value=s.top_k, step=1, label="交给回答的段落数 k（检索指标总看前 10 段）")
-            limit = gr.Number(value=0, precision=0, minimum=0, label="只评测前 N 个问题（0 = 全部）")
-        start = gr.Button("开始评测", variant="primary", elem_id="rag-eval-run")
-        status = gr.Markdown(elem_id="rag-eval-status")
-        with gr.Row(equal_height=False):
-            metrics = gr.Dataframe(headers=METRIC_HEADERS, interactive=False, wrap=True, label="指标",
-                                   elem_id="rag-eval-metrics")
-            plot = gr.Image(type="filepath", interactive=False, label="hit@k 曲线", elem_id="rag-eval-plot")
-        files = gr.File(label="下载报告", file_count="multiple", interactive=False, elem_id="rag-eval-files")
-        gr.Markdown("#### 最差的问题（点击一行查看检索到的段落）")
-        misses = gr.Dataframe(headers=MISS_HEADERS, interactive=False, wrap=True, elem_id="rag-eval-misses")
-        detail = gr.HTML(MISS_HINT, elem_id="rag-eval-detail")
-        with gr.Accordion("报告全文 report.md", open=False):
-            report_md = gr.Markdown(elem_id="rag-eval-report")
-        run_dir = gr.State(None)
+    with gr.Tab("评测", id="eval"), gr.Tabs() as tabs:
+        with gr.Tab("运行评测 run", id="eval-run"):
+            gr.Markdown("上传问题集（`.jsonl`，每行一个问题：`gold_ids` 或 `gold_docs` + `gold_quotes`，"
+                        "格式见 eval/README.md），评测检索（可选：回答）的质量。")
+            with gr.Row():
+                questions = gr.File(label="问题集 .jsonl", file_types=[".jsonl"], type="filepath",
+                                    elem_id="rag-eval-questions")
+                corpus = gr.File(label="语料 .jsonl（选“上传语料”时使用）", file_types=[".jsonl"], type="filepath",
+                                 elem_id="rag-eval-corpus")
+            from_feedback = gr.Button("用反馈生成题集", size="sm", elem_id="rag-eval-from-feedback")
+            source = gr.Radio(SOURCES, value="current", label="在哪个知识库上评测", elem_id="rag-eval-source")
+            with gr.Row():
+                retrieval_only = gr.Checkbox(value=True, label="只评测检索",
+                                             info="取消勾选则同时评测回答，回答模型用“设置”页中的选择")
+                mode = gr.Radio(MODES, value="hybrid", label="检索方式")
+            with gr.Row():
+                k = gr.Slider(1, 10, value=s.top_k, step=1, label="交给回答的段落数 k（检索指标总看前 10 段）")
+                limit = gr.Number(value=0, precision=0, minimum=0, label="只评测前 N 个问题（0 = 全部）")
+            start = gr.Button("开始评测", variant="primary", elem_id="rag-eval-run")
+            status = gr.Markdown(elem_id="rag-eval-status")
+            with gr.Row(equal_height=False):
+                metrics = gr.Dataframe(headers=METRIC_HEADERS, interactive=False, wrap=True, label="指标",
+                                       elem_id="rag-eval-metrics")
+                plot = gr.Image(type="filepath", interactive=False, label="hit@k 曲线", elem_id="rag-eval-plot")
+            files = gr.File(label="下载报告", file_count="multiple", interactive=False, elem_id="rag-eval-files")
+            gr.Markdown("#### 最差的问题（点击一行查看检索到的段落）")
+            misses = gr.Dataframe(headers=MISS_HEADERS, interactive=False, wrap=True, elem_id="rag-eval-misses")
+            detail = gr.HTML(MISS_HINT, elem_id="rag-eval-detail")
+            with gr.Accordion("报告全文 report.md", open=False):
+                report_md = gr.Markdown(elem_id="rag-eval-report")
+            run_dir = gr.State(None)
+        build_review_tab(handlers.review, kb, questions, source, status, tabs)
 
         # One evaluation at a time: it keeps both cores busy, and two runs must not build
         # the same corpus KB at once. Chats have their own queue group and keep answering.
