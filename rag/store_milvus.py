@@ -14,11 +14,13 @@ Which store a KB uses is recorded in its ``meta`` table, once:
 The sync of generation ``n`` (SQLite's committed generation is ``s = n - 1``) runs under the KB's
 write lock, inside its SQLite write transaction, so a failure rolls SQLite back: nothing changes.
 
-On milvus-lite (a ``.db`` path; see ``REBUILD_LITE`` for why) every chunk is written into a fresh
-collection ``<base>_g<n>``, flushed and checked; the KB's ``milvus_collection`` switches to it in the
-same SQLite commit; after the commit (``finish_milvus``) the replaced collection is dropped.
+Where BM25 is scored per segment (milvus-lite, embedded or behind ``milvus-lite server``; see
+``REBUILD_LITE`` and ``rewrites``) every chunk is written into a fresh collection ``<base>_g<n>``,
+flushed and checked; the KB's ``milvus_collection`` switches to it in the same SQLite commit; after the
+commit (``finish_milvus``) the replaced collection is dropped.
 
-On a Milvus server, incrementally, in the KB's one collection:
+On a Milvus server that scores BM25 with collection-wide statistics (checked once per process by
+``rag.milvus_index.bm25_statistics_are_global``), incrementally, in the KB's one collection:
 
 1. reconcile: when Milvus's committed generation is not ``s`` (a crash between the SQLite commit and
    Milvus's, a restored ``kb.sqlite``, a new or emptied collection), commit ``s`` in Milvus: rows
@@ -55,7 +57,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from rag.config import Settings
-from rag.milvus_index import MilvusIndex, MilvusIndexError, _is_local, _redact
+from rag.milvus_index import MilvusIndex, MilvusIndexError, _is_local, _redact, bm25_statistics_are_global
 from rag.store_transaction import set_meta
 from rag.writers import KnowledgeBaseError
 
@@ -112,7 +114,8 @@ def select_store(kb: KnowledgeBase, store: str, uri: str | None = None) -> None:
     """Record the KB's store (inside ``kb.transaction()``: the choice commits with the index built
     for it, or not at all). For Milvus: a collection name when it has none, and the URI: ``uri``,
     else ``RAG_MILVUS_URI``, else the recorded one, else the default (not recorded: it moves with the
-    KB folder). A local path is stored absolute."""
+    KB folder). A local path is stored absolute; a URI with credentials in it is refused (a token
+    lives in ``RAG_MILVUS_TOKEN`` only, never in the KB)."""
     set_meta(kb.db, "store", store)
     if store != MILVUS:
         return
@@ -120,6 +123,11 @@ def select_store(kb: KnowledgeBase, store: str, uri: str | None = None) -> None:
         name = re.sub(r"\W", "_", kb.path.name, flags=re.ASCII)[:40]
         set_meta(kb.db, "milvus_collection", f"rag_{name}_{uuid.uuid4().hex[:8]}")
     uri = uri or Settings().milvus_uri or kb.meta("milvus_uri")
+    if uri and not _is_local(uri) and _redact(uri) != uri:  # http://user:password@host: stored in kb.sqlite
+        raise MilvusStoreError(f"Milvus 地址 {_redact(uri)} 含有用户名和密码，会被记录在知识库里；请把它们放在 "
+                               "RAG_MILVUS_TOKEN（user:password），地址中去掉 / the Milvus URI "
+                               f"{_redact(uri)} holds credentials, which would be stored in the KB: give them in "
+                               "RAG_MILVUS_TOKEN (user:password) and the URI without them")
     if uri and _is_local(uri):
         uri = str(Path(uri).expanduser().absolute())
     if uri and uri != _default_uri(kb):
@@ -263,8 +271,34 @@ def plan(stored: dict[int, str], seen: dict[int, str]) -> tuple[set[str], set[st
 # a document added incrementally sits in a small segment of its own and its BM25 scores collapse
 # (measured: a new passage fell out of BM25's top 5 for its own words). So on milvus-lite (.db)
 # every sync writes the whole KB into a fresh collection, switched in SQLite: one segment of exactly
-# the live rows, scores as bm25s's. A server gets the incremental diff. Tests flip this to cover both.
+# the live rows, scores as bm25s's. Tests flip this to cover the incremental path on milvus-lite.
 REBUILD_LITE = True
+# A server (http(s)://) is the same question, answered by measuring it (``rewrites``): `milvus-lite
+# server` is the same engine behind gRPC and fails the check, so it is rewritten like a .db. None =
+# measure; True / False forces the incremental sync / the rewrite on every server (tests).
+SERVER_INCREMENTAL: bool | None = None
+_global_bm25: dict[str, bool] = {}  # server URI -> measured once per process
+
+
+def rewrites(target: Target) -> bool:
+    """True when a sync writes the whole KB into a fresh collection, False when it writes only what
+    changed: a ``.db`` path rewrites (``REBUILD_LITE``); a server is incremental only when it scores
+    BM25 over the whole collection (``bm25_statistics_are_global``, measured once per process and
+    URI), since an incremental write leaves new rows in segments of their own.
+
+    Raises:
+        MilvusStoreError: the server cannot be reached (naming its URI).
+    """
+    if _is_local(target.uri):
+        return REBUILD_LITE
+    if SERVER_INCREMENTAL is not None:
+        return not SERVER_INCREMENTAL
+    if target.uri not in _global_bm25:
+        with milvus_errors(target, "checking how it scores BM25"):
+            _global_bm25[target.uri] = bm25_statistics_are_global(target.uri, target.token)
+    return not _global_bm25[target.uri]
+
+
 _pending: dict[str, tuple] = {}  # KB folder -> (written index, its generation, collection to drop after the commit)
 
 
@@ -282,8 +316,8 @@ def _check_count(index: MilvusIndex, target: Target, generation: int, expected: 
 
 
 def sync_milvus(kb: KnowledgeBase, generation: int) -> bool:
-    """``KnowledgeBase._build_indexes`` for a Milvus KB (the module docstring; on milvus-lite a
-    fresh collection per generation, see ``REBUILD_LITE``).
+    """``KnowledgeBase._build_indexes`` for a Milvus KB (the module docstring; a fresh collection
+    per generation where BM25 is scored per segment, see ``rewrites``).
 
     Returns:
         False when the KB's store is FAISS (the caller writes the index files), True when done.
@@ -299,7 +333,7 @@ def sync_milvus(kb: KnowledgeBase, generation: int) -> bool:
     _drop_pending(kb)  # left by a transaction that failed after its sync
     target = milvus_target(kb)
     dim, embedder_id = int(kb.meta("dim", "0") or 0), kb.embedder_id or ""
-    if REBUILD_LITE and _is_local(target.uri):
+    if rewrites(target):
         _pending[str(kb.path)] = _rebuild(kb, target, generation, dim, embedder_id)
         return True
     index = acquire(target, dim, embedder_id)
