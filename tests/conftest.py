@@ -322,3 +322,26 @@ def seeds_hit_rates(reference: Settings, other: Settings, questions: list[dict],
     finally:
         for s in searchers:
             s.close()
+
+
+def milvus_state_of(settings: Settings) -> dict[str, str]:
+    """What a KB records about its Milvus collection (``rag.store_milvus.milvus_state``)."""
+    from rag import store_milvus
+    from rag.store import KnowledgeBase
+
+    kb = KnowledgeBase(settings.kb_dir)
+    try:
+        return store_milvus.milvus_state(kb)
+    finally:
+        kb.close()
+
+
+@pytest.fixture
+def toasts(monkeypatch) -> list[tuple[str, str]]:
+    """The gr.Info / gr.Warning messages UI handlers show, as (kind, message)."""
+    import gradio as gr
+
+    shown: list[tuple[str, str]] = []
+    monkeypatch.setattr(gr, "Info", lambda message, *a, **k: shown.append(("info", message)))
+    monkeypatch.setattr(gr, "Warning", lambda message, *a, **k: shown.append(("warning", message)))
+    return shown

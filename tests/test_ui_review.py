@@ -36,14 +36,6 @@ DOCS = {BUS: "截至2024年底，青石市共有新能源公交车3200辆。青�
 STATUS, SURVIVAL, LISTING, CURRENT, HTML, QUESTION, ANSWERS, QUOTES = range(8)
 
 
-@pytest.fixture
-def toasts(monkeypatch) -> list[tuple[str, str]]:
-    shown: list[tuple[str, str]] = []
-    monkeypatch.setattr(gr, "Info", lambda message, *a, **k: shown.append(("info", message)))
-    monkeypatch.setattr(gr, "Warning", lambda message, *a, **k: shown.append(("warning", message)))
-    return shown
-
-
 def rows_fixture() -> list[dict]:
     s1 = Draft("gen-s001", "single", "青石市建成了多少座公交充电站？", ["58座"], ["青石市建成公交充电站58座"], [BUS], sources=[1])
     s2 = Draft("gen-s002", "single", "白岭村茶叶合作社成立于哪一年？", ["2016年"], ["白岭村茶叶合作社成立于2016年"], [TEA],
