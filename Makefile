@@ -14,7 +14,7 @@ FAULT_TRIALS ?= $(or $(RAG_FAULT_TRIALS),50)
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install install-llm browser run test fault bench bench-answers eval clean demo-kb
+.PHONY: install install-llm browser run test fault bench bench-scale bench-answers eval clean demo-kb
 
 # Base: torch first (CPU build from local disk; otherwise pip pulls a multi-GB CUDA build).
 $(VENV)/.base-installed: requirements.txt pyproject.toml
@@ -75,6 +75,10 @@ fault: install
 
 bench: install
 	$(PY) bench/bench_retrieval.py
+
+# The real KB grown to 100k and 1M chunks with distractors: FAISS flat / HNSW, milvus-lite (bench/README.md).
+bench-scale: install
+	$(PY) bench/scale.py
 
 # Answer quality and latency of the local model (seeds dev + first 100 rgb_zh questions; ~45 min on 2 cores).
 bench-answers: install
