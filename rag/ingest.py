@@ -301,14 +301,26 @@ class Ingestor:
         cached = kb.cached_vectors(list(texts))
         todo = [h for h in texts if h not in cached]
         report.reused_vectors = len(texts) - len(todo)
-        todo.sort(key=lambda h: len(texts[h]))  # similar lengths per batch: less padding
+        todo.sort(key=lambda h: len(texts[h]))  # similar lengths per batch: even chunks per thread
         batch = max(1, self.settings.embed_batch_size)
+        parts = [todo[i:i + batch] for i in range(0, len(todo), batch)]
         started = time.perf_counter()
+        from concurrent.futures import ThreadPoolExecutor
+
+        def embed(part: list[str]):
+            return self.embedder.embed_passages([texts[h] for h in part])
+
+        # Pipelined: the next batch is embedded (in C, GIL released) while this thread stores the
+        # previous one's vectors, so the engine never waits for SQLite. Still one batch at a time
+        # in the engine, and each batch is committed before the next is stored (resumable).
         with tqdm(total=len(todo), desc="嵌入 embedding", unit="passage", disable=not progress or not todo,
-                  file=sys.stderr) as bar:
-            for i in range(0, len(todo), batch):
-                part = todo[i:i + batch]
-                kb.cache_vectors(part, self.embedder.embed_passages([texts[h] for h in part]))
+                  file=sys.stderr) as bar, ThreadPoolExecutor(max_workers=1) as pool:
+            pending = pool.submit(embed, parts[0]) if parts else None
+            for k, part in enumerate(parts):
+                vectors = pending.result()
+                if k + 1 < len(parts):
+                    pending = pool.submit(embed, parts[k + 1])
+                kb.cache_vectors(part, vectors)
                 bar.update(len(part))
         report.embedded = len(todo)
         report.embed_seconds = time.perf_counter() - started
