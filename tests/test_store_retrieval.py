@@ -394,13 +394,14 @@ def test_user_words_sources_and_stale_documents(tmp_path, settings_factory, nano
 
 # ---------------------------------------------------------------- kill -9 mid-write
 def _big_input(folder: Path) -> set[str]:
-    """~520 chunks of which only ~26 are distinct: long to index, quick to embed."""
+    """~700 chunks of which ~200 are distinct: long to index, and embedded in ~50 batches (at ~100
+    passages/s, 26 distinct chunks went by between two progress-bar updates: no kill mid-embedding)."""
     body = "仓储管理规程\n\n" + "\n\n".join(
         "".join(f"第{p}章第{i}条：货物入库前必须核对数量、规格和质检报告，发现破损应当拍照留档并通知供应商。"
                 for i in range(1, 4)) for p in range(1, 4))
     files = {f"dup-{i:03d}.txt": body for i in range(250)}
     files.update({f"notice-{i:02d}.txt": f"第{i}号通知\n\n编号NT-{i:04d}的货架本周进行第{i}次盘点，盘点期间暂停出库。"
-                  for i in range(24)})
+                  for i in range(200)})
     write_files(folder, files)
     return {f"{folder.name}/{name}" for name in files}
 
