@@ -290,6 +290,7 @@ def main() -> None:
               "notes": notes, "load_before": load_before, "load_after": os.getloadavg()[0],
               "seconds": round(time.perf_counter() - started, 1)}
     markdown = render(report)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(report, ensure_ascii=False, indent=1))
     args.out.with_suffix(".md").write_text(markdown)
     print(markdown)

@@ -166,30 +166,38 @@ def test_new_metadata_is_stored_without_reindexing(kb):
     assert docs_of(searcher.search(QUERY, k=3, where=Where.parse("date=2020"))) == {"docs/news/2023/宜昌.md"}
 
 
-def test_hnsw_filter_is_exact_whatever_the_share_allowed(monkeypatch):
-    """On an HNSW graph a filtered search returns the exact top n of the allowed chunks: a scan of
-    their vectors when few are allowed, the graph with a wider search when many are."""
+def test_hnsw_filter_is_exact_whatever_the_share_allowed(monkeypatch, tmp_path):
+    """On the HNSW index a large KB gets (8-bit vectors, memory-mapped: ``rag.index_files``) a filtered
+    search returns the exact top n of the allowed chunks when few are allowed (a scan of their stored
+    vectors), and n allowed chunks from the graph with a wider search when many are."""
+    from rag import index_files
+
     rng = np.random.default_rng(7)
     vectors = rng.standard_normal((4000, 32)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     ids = np.arange(4000, dtype=np.int64) * 3 + 11  # chunk ids need not be positions
-    index = faiss.IndexIDMap2(faiss.IndexHNSWFlat(32, 32, faiss.METRIC_INNER_PRODUCT))
-    index.add_with_ids(vectors, ids)
-    faiss.downcast_index(index.index).hnsw.efSearch = 128
+    monkeypatch.setattr(index_files, "HNSW_MIN_CHUNKS", 1000)  # a large KB, in small
+    index_files.write_generation(tmp_path, 1, ids, vectors, [[f"t{i % 50}"] for i in range(len(ids))])
+    index = index_files.read_generation(tmp_path, 1).dense
+    inner = faiss.downcast_index(index.index)
+    assert isinstance(inner, faiss.IndexHNSWSQ)
+    stored = faiss.downcast_index(inner.storage).reconstruct_n(0, len(ids))  # the 8-bit vectors, decoded
+    assert np.abs(stored - vectors).max() < 0.01
     query = vectors[:1] + 0.1 * rng.standard_normal((1, 32)).astype(np.float32)
 
-    def exact(allowed: np.ndarray, n: int) -> list[int]:
+    def exact(allowed: np.ndarray, n: int, table: np.ndarray) -> list[int]:
         rows = np.searchsorted(ids, allowed)
-        return allowed[np.argsort(-(vectors[rows] @ query[0]))[:n]].tolist()
+        return allowed[np.argsort(-(table[rows] @ query[0]), kind="stable")[:n]].tolist()
 
     few = np.sort(rng.choice(ids, 40, replace=False))
     found, scores = AllowedChunks(few).dense_search(index, query, 10)
-    assert found == exact(few, 10) and scores == sorted(scores, reverse=True)
+    assert found == exact(few, 10, stored) and scores == sorted(scores, reverse=True)
+    assert len(set(found) & set(exact(few, 10, vectors))) >= 9  # 8-bit rounding may swap a near tie
     monkeypatch.setattr("rag.filter_index.EXACT_SCAN_MAX", 100)  # many allowed: the graph walk
     many = np.sort(rng.choice(ids, 2000, replace=False))
     found, _ = AllowedChunks(many).dense_search(index, query, 10)
     assert len(found) == 10 and set(found) <= set(many.tolist())
-    assert len(set(found) & set(exact(many, 10))) >= 9  # approximate search, as without a filter
+    assert len(set(found) & set(exact(many, 10, vectors))) >= 9  # approximate search, as without a filter
 
 
 def test_milvus_filters_inside_the_search(kb, tmp_path):
