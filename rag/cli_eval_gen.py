@@ -13,7 +13,8 @@ from pathlib import Path
 
 def cmd_eval_gen(args) -> int:
     from rag.cli import _settings
-    from rag.eval_gen import KINDS, GenStats, as_rows, draft_questions, write_rows
+    from rag.eval_drafts import write_rows
+    from rag.eval_gen import KINDS, GenStats, as_rows, draft_questions
     from rag.service import RagService
 
     settings = _settings(args)

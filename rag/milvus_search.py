@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from rag import store_milvus
-from rag.milvus_index import _is_local
+from rag.milvus_client import _is_local
 from rag.store_milvus import (MAX_LIMIT, MILVUS, MilvusStoreError, Target, acquire, milvus_errors, milvus_state,
                               milvus_target, release)
 

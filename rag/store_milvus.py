@@ -20,7 +20,7 @@ flushed and checked; the KB's ``milvus_collection`` switches to it in the same S
 commit (``finish_milvus``) the replaced collection is dropped.
 
 On a Milvus server that scores BM25 with collection-wide statistics (checked once per process by
-``rag.milvus_index.bm25_statistics_are_global``), incrementally, in the KB's one collection:
+``rag.milvus_client.bm25_statistics_are_global``), incrementally, in the KB's one collection:
 
 1. reconcile: when Milvus's committed generation is not ``s`` (a crash between the SQLite commit and
    Milvus's, a restored ``kb.sqlite``, a new or emptied collection), commit ``s`` in Milvus: rows
@@ -57,7 +57,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from rag.config import Settings
-from rag.milvus_index import MilvusIndex, MilvusIndexError, _is_local, _redact, bm25_statistics_are_global
+from rag.milvus_client import MilvusIndexError, _is_local, _redact, bm25_statistics_are_global
+from rag.milvus_index import MilvusIndex
 from rag.store_transaction import set_meta
 from rag.writers import KnowledgeBaseError
 

@@ -6,8 +6,9 @@ import random
 
 import pytest
 
-from rag.eval_gen import (Draft, GenStats, as_rows, check_single, combine_two, draft_questions, kb_text, locate,
-                          make_negative, parse_reply, quotas, read_rows, squash, survival, write_rows)
+from rag.eval_drafts import locate, read_rows, survival, write_rows
+from rag.eval_gen import (Draft, GenStats, as_rows, check_single, combine_two, draft_questions, kb_text,
+                          make_negative, parse_reply, quotas, squash)
 from rag.eval_questions import UnreviewedDrafts, load_questions
 from rag.places import place_names
 from rag import zh

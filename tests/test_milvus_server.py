@@ -34,7 +34,7 @@ from conftest import (SEEDS_DIR, UI_DOCS, free_port, milvus_state_of, rag_comman
 from rag import store_milvus  # noqa: E402
 from rag.cli import main as rag_main  # noqa: E402
 from rag.ingest import Ingestor, remove_documents  # noqa: E402
-from rag.milvus_index import bm25_statistics_are_global, connect  # noqa: E402
+from rag.milvus_client import bm25_statistics_are_global, connect  # noqa: E402
 from rag.retrieve import Searcher  # noqa: E402
 from rag.store import KnowledgeBase, KnowledgeBaseError  # noqa: E402
 from rag.store_milvus import MilvusStoreError  # noqa: E402

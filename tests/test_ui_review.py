@@ -1,8 +1,9 @@
-"""The 评测 tab's 审核草稿 screen (``ui.review_panel``): the review rules as plain functions, then the
-handlers on the real UI app and KB — a drafts file written by ``rag.eval_gen``'s own writers is
-loaded, reviewed (accept / reject / edit), kept across a new session, refused by the eval loader
-until reviewed, saved as the accepted set and run by the 评测 tab; drafting with the real local
-model; drafts dropped with a deleted document; and one pass in a real browser.
+"""The 评测 tab's 审核草稿 screen (``ui.review_panel``): the review rules as plain functions
+(``ui.review_state``), then the handlers on the real UI app and KB — a drafts file written by
+``rag.eval_drafts``' own writers is loaded, reviewed (accept / reject / edit), kept across a new
+session, refused by the eval loader until reviewed, saved as the accepted set and run by the 评测
+tab; drafting with the real local model; drafts dropped with a deleted document; and one pass in a
+real browser.
 """
 from __future__ import annotations
 
@@ -16,12 +17,13 @@ import gradio as gr
 import pytest
 
 from conftest import PROJECT_ROOT, UI_UPLOAD_NAME, UI_UPLOAD_TEXT
-from rag.eval_gen import (Draft, accepted_file, as_rows, combine_two, drafts_file, read_rows, sample_passages,
-                          survival, write_rows)
+from rag.eval_drafts import accepted_file, drafts_file, read_rows, survival, write_rows
+from rag.eval_gen import Draft, as_rows, combine_two, sample_passages
 from rag.eval_questions import UnreviewedDrafts, load_questions
 from rag.store import KnowledgeBase
-from ui.review_panel import (ReviewError, ReviewHandlers, accepted_rows, apply_edit, drop_documents, list_rows,
-                             next_id, set_status, survival_line, survival_rows)
+from ui.review_panel import ReviewHandlers
+from ui.review_state import (ReviewError, accepted_rows, apply_edit, drop_documents, list_rows, next_id, set_status,
+                             survival_line, survival_rows)
 
 # Gradio's queue calls a pandas API that pandas 3 deprecates: not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore::pandas.errors.Pandas4Warning")
@@ -116,7 +118,7 @@ def test_eval_loader_refuses_unreviewed_drafts(tmp_path):
 # ============================================================================ on the real app and KB
 def kb_drafts(app, tmp_path) -> Path:
     """A drafts file like ``rag eval-gen`` writes for the UI test KB: real chunk ids, the writers of
-    ``rag.eval_gen``; one draft with a wrong answer (to be rejected or fixed)."""
+    ``rag.eval_gen`` and ``rag.eval_drafts``; one draft with a wrong answer (to be rejected or fixed)."""
     with closing(KnowledgeBase(app.service.home / KB)) as store:
         passages = sample_passages(store, random.Random(0))
 
