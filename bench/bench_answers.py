@@ -2,6 +2,11 @@
 answer chain on the seeds dev set and the first N rgb_zh questions.
 
     .venv/bin/python bench/bench_answers.py [--llm local] [--rgb-limit 100] [--sets seeds rgb_zh]
+    .venv/bin/python bench/bench_answers.py --sets rgb_zh_int seeds_twopart [--no-probe]
+
+``--no-probe`` answers compound questions without the answer probe (``rag.answer_probe``), for
+the before/after comparison in bench/README.md. "compound accuracy": over the answerable
+questions ``rag.decompose`` splits.
 
 Uses the evaluation KBs that `make bench` / `rag eval --corpus` build under index/ (built here when
 missing). Prints a Markdown table and writes per-question records to bench/answers-<llm>.jsonl.
@@ -28,6 +33,8 @@ SHARED = ROOT.parent / "shared"
 SETS = {
     "seeds": (SHARED / "corpus/seeds_eval/dev.jsonl", SHARED / "corpus/seeds"),
     "rgb_zh": (SHARED / "evaldata/rgb_zh/questions.jsonl", SHARED / "evaldata/rgb_zh/corpus.jsonl"),
+    "rgb_zh_int": (SHARED / "evaldata/rgb_zh_int/questions.jsonl", SHARED / "evaldata/rgb_zh_int/corpus.jsonl"),
+    "seeds_twopart": (ROOT / "eval/sets/seeds_twopart.jsonl", SHARED / "corpus/seeds"),
 }
 
 
@@ -42,11 +49,13 @@ def citation_precise(citation: dict, parts: list[list[str]]) -> bool:
     return any(M.contains(citation["passage"], alias) for part in parts for alias in part)
 
 
-def run_set(name: str, llm: str, limit: int | None, out) -> dict:
+def run_set(name: str, llm: str, limit: int | None, out, probe: bool = True, offset: int = 0) -> dict:
+    from rag.decompose import decompose
+
     questions_file, corpus = SETS[name]
     questions = [json.loads(line) for line in questions_file.read_text(encoding="utf-8").splitlines() if line.strip()]
-    questions = questions[:limit] if limit else questions
-    settings, _ = ensure_corpus_kb(corpus, Settings())
+    questions = questions[offset:offset + limit] if limit else questions[offset:]
+    settings, _ = ensure_corpus_kb(corpus, Settings(part_probe=probe))
     answer = make_answer_fn(Answerer(settings), backend=llm)
     rows = []
     for i, q in enumerate(questions, 1):
@@ -62,6 +71,7 @@ def run_set(name: str, llm: str, limit: int | None, out) -> dict:
             "unsupported": result["unsupported_sentences"], "sentences": result["sentences"],
             "first_token_ms": result["timings"].get("first_token"), "total_ms": result["timings"]["total"],
             "answer": result["answer"], "question": q["question"],
+            "compound": decompose(q["question"]).compound, "part_answers": [a["answer"] for a in result["part_answers"]],
         }
         rows.append(row)
         out.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -71,9 +81,11 @@ def run_set(name: str, llm: str, limit: int | None, out) -> dict:
     answerable = [r for r in rows if not r["negative"]]
     negatives = [r for r in rows if r["negative"]]
     cited_correct = [r for r in answerable if r["correct"]]
+    compound = [r for r in answerable if r["compound"]]
     return {
-        "set": name, "n": len(rows), "n_negative": len(negatives),
+        "set": name, "n": len(rows), "n_negative": len(negatives), "probe": probe,
         "accuracy": M.mean(r["correct"] for r in answerable),
+        "n_compound": len(compound), "compound_accuracy": M.mean(r["correct"] for r in compound) if compound else None,
         "refusal_rate": M.mean(r["refused"] for r in negatives),
         "false_refusal_rate": M.mean(r["refused"] for r in answerable),
         "citation_precision": (sum(r["precise"] for r in cited_correct) / max(1, sum(r["citations"] for r in cited_correct))),
@@ -89,19 +101,24 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--llm", default="local", choices=["local", "openai", "extractive"])
     parser.add_argument("--sets", nargs="+", default=["seeds", "rgb_zh"], choices=list(SETS))
-    parser.add_argument("--rgb-limit", type=int, default=100)
+    parser.add_argument("--rgb-limit", type=int, default=100, help="N questions of rgb_zh / rgb_zh_int")
+    parser.add_argument("--rgb-offset", type=int, default=0, help="skip the first N of rgb_zh / rgb_zh_int")
+    parser.add_argument("--no-probe", action="store_true", help="compound questions without the answer probe")
     args = parser.parse_args()
     summaries = []
-    with open(ROOT / "bench" / f"answers-{args.llm}.jsonl", "w", encoding="utf-8") as out:
+    tag = "-noprobe" if args.no_probe else ""
+    with open(ROOT / "bench" / f"answers-{args.llm}{tag}.jsonl", "w", encoding="utf-8") as out:
         for name in args.sets:
             if not SETS[name][0].is_file():
                 print(f"skipped {name}: {SETS[name][0]} not found", file=sys.stderr)
                 continue
-            summaries.append(run_set(name, args.llm, args.rgb_limit if name == "rgb_zh" else None, out))
-    keys = ["n", "n_negative", "accuracy", "refusal_rate", "false_refusal_rate", "citation_precision",
+            rgb = name.startswith("rgb_zh")
+            summaries.append(run_set(name, args.llm, args.rgb_limit if rgb else None, out, probe=not args.no_probe,
+                                     offset=args.rgb_offset if rgb else 0))
+    keys = ["n", "n_negative", "probe", "accuracy", "n_compound", "compound_accuracy", "refusal_rate", "false_refusal_rate", "citation_precision",
             "unsupported_sentence_rate", "first_token_p50_ms", "first_token_p95_ms", "total_p50_ms", "total_p95_ms"]
     fmt = lambda v: "–" if v is None else (f"{v:.0f}" if isinstance(v, float) and v > 10 else (f"{v:.3f}" if isinstance(v, float) else str(v)))
-    print(f"\nanswers, backend {args.llm}\n\n| set | " + " | ".join(keys) + " |\n|---|" + "---|" * len(keys))
+    print(f"\nanswers, backend {args.llm}{', no probe' if args.no_probe else ''}\n\n| set | " + " | ".join(keys) + " |\n|---|" + "---|" * len(keys))
     for s in summaries:
         print(f"| {s['set']} | " + " | ".join(fmt(s[k]) for k in keys) + " |")
     return 0

@@ -121,8 +121,24 @@ def cache_rankings(searcher, questions, path: Path, identity: dict) -> None:
                                  "chunks": spans}, ensure_ascii=False) + "\n")
 
 
-def bench_set(name: str, settings: Settings, embedder, limit: int | None, progress: bool) -> dict:
+def load_probe_cache(probe, path: Path) -> None:
+    """Answers the probe gave in earlier runs (same parts, same chunks read, same model), so a
+    rerun of the bench does not ask the LLM again."""
+    if probe is not None and path.is_file():
+        probe.remember([(tuple(tuple(x) if isinstance(x, list) else x for x in key), answer)
+                        for key, answer in json.loads(path.read_text(encoding="utf-8"))])
+
+
+def save_probe_cache(probe, path: Path) -> None:
+    if probe is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(probe.answers(), ensure_ascii=False), encoding="utf-8")
+
+
+def bench_set(name: str, settings: Settings, embedder, limit: int | None, progress: bool, chat_models=None) -> dict:
     from tqdm import tqdm
+
+    from rag.answer_probe import make_probe
 
     from rag.retrieve import Searcher
 
@@ -141,6 +157,13 @@ def bench_set(name: str, settings: Settings, embedder, limit: int | None, progre
         rate, rate_src = sample_throughput(kb_settings, embedder), "64-chunk sample"
     questions = load_questions(questions_path, limit)
     searcher = Searcher(kb_settings, embedder=embedder)
+    # the answer step's retrieval: a compound question's parts with the answer probe (rag.answer_probe)
+    backend = settings.llm_backend
+    probe = make_probe(settings, lambda: chat_models(settings, backend), backend, cache_size=1 << 20) \
+        if chat_models else None  # the bench keeps every answer (saved below)
+    model_name = Path(str(settings.llm_model_path or "default-gguf")).name if backend == "local" else settings.llm_model
+    probe_cache = ROOT / "index" / "_bench" / kb_settings.kb / f"probe-{backend}-{model_name}.json"
+    load_probe_cache(probe, probe_cache)
     result = {"set": name, "kb": kb_settings.kb, "passages": count_passages(corpus), "chunks": info["chunks"],
               "questions": len(questions), "answerable": sum(not q.negative for q in questions),
               "embed_rate": round(rate, 2), "embed_rate_source": rate_src,
@@ -152,7 +175,8 @@ def bench_set(name: str, settings: Settings, embedder, limit: int | None, progre
         records = {m: [] for m in MODES}
         for q in tqdm(questions, desc=f"{name}", unit="q", disable=not progress, file=sys.stderr):
             for mode in MODES:
-                records[mode].append(evaluate_question(q, searcher, judge, mode, DEPTH))
+                records[mode].append(evaluate_question(q, searcher, judge, mode, DEPTH,
+                                                       probe if mode == "hybrid" else None))
         has_groups = any(q.gold_groups for q in questions)
         for mode in MODES:
             recs = records[mode]
@@ -164,7 +188,8 @@ def bench_set(name: str, settings: Settings, embedder, limit: int | None, progre
                 **{k: round(M.mean(s[k] for s in scored if k in s), 4) for k in keys},
                 "p50_ms": round(M.percentile(lat, 50), 2), "p95_ms": round(M.percentile(lat, 95), 2),
             }
-        result["compound"] = bench_compound(questions, searcher, judge, records["hybrid"])
+        save_probe_cache(probe, probe_cache)
+        result["compound"] = bench_compound(questions, searcher, judge, records["hybrid"], probe is not None)
         if has_groups:
             result["bound"] = recall_bound(questions, searcher, judge)
         identity = {"kb": kb_settings.kb, "generation": searcher.kb.generation, "pipeline": pipeline_fingerprint(),
@@ -183,7 +208,7 @@ class _OneQuery:
     def __init__(self, searcher):
         self.searcher = searcher
 
-    def search_parts(self, query, k=None, mode="hybrid"):
+    def search_parts(self, query, k=None, mode="hybrid", probe=None):
         return self.searcher.search_parts(query, k, mode, split=False)
 
 
@@ -193,17 +218,25 @@ def _all_units_at(record: dict, k: int) -> float:
     return float(len(got) == record["n_units"])
 
 
-def bench_compound(questions, searcher, judge, multi: list[dict]) -> dict:
-    """Hybrid retrieval of the questions ``rag.decompose`` splits, searched as one query and part by
-    part (the default): all_groups@10, recall@10, all gold units in the top 5, latency; and the
-    latency of the others (one search, as before)."""
+def bench_compound(questions, searcher, judge, multi: list[dict], probed: bool = False) -> dict:
+    """Hybrid retrieval of the questions ``rag.decompose`` splits, searched as one query, part by
+    part without the answer probe, and part by part as the answer step does (``multi``, with the
+    probe when ``probed``): all_groups@10, recall@10, all gold units in the top 5, latency; and
+    the latency of the others (one search, as before)."""
     from rag.decompose import decompose
 
     compound = [i for i, q in enumerate(questions) if decompose(q.search_query).compound]
     out = {"decomposed": len(compound), "questions": len(questions)}
     if compound:
         one = [evaluate_question(questions[i], _OneQuery(searcher), judge, "hybrid", DEPTH) for i in compound]
-        for label, recs in (("one_query", one), ("multi_query", [multi[i] for i in compound])):
+        runs = [("one_query", one)]
+        if probed:
+            runs.append(("multi_query", [evaluate_question(questions[i], searcher, judge, "hybrid", DEPTH)
+                                         for i in compound]))
+            runs.append(("multi_query_probe", [multi[i] for i in compound]))
+        else:
+            runs.append(("multi_query", [multi[i] for i in compound]))
+        for label, recs in runs:
             for r, i in zip(recs, compound):
                 r["n_units"] = len(questions[i].gold_units)
             scored = [r for r in recs if r.get("metrics")]
@@ -215,6 +248,9 @@ def bench_compound(questions, searcher, judge, multi: list[dict]) -> dict:
             for n in (3, 5):  # the answer step reads the first 3 (llm_passages) of the top 5
                 row[f"all_units@{n}"] = round(M.mean(_all_units_at(r, n) for r in by_quote), 4) if by_quote else None
             row.update(p50_ms=round(M.percentile(lat, 50), 2), p95_ms=round(M.percentile(lat, 95), 2))
+            probed_answers = [a for r in recs for a in r.get("part_answers", [])]
+            if probed_answers:
+                row["probe_answered"] = round(M.mean(bool(a) for a in probed_answers), 4)
             out[label] = row
     single = [multi[i]["latency_ms"]["retrieve"] for i in range(len(questions)) if i not in set(compound)]
     if single:
@@ -273,21 +309,25 @@ def render(results: list[dict], total_seconds: float, settings: Settings) -> str
             groups = f"{m['all_groups@10']:.3f}" if "all_groups@10" in m else "–"
             lines.append(f"| {r['set']} ({r['answerable']} q) | {mode} | {m['hit@1']:.3f} | {m['hit@5']:.3f} | "
                          f"{m['mrr@10']:.3f} | {m['recall@10']:.3f} | {groups} | {m['p50_ms']:.1f} | {m['p95_ms']:.1f} |")
-    lines += ["", "Compound questions (`rag.decompose` splits them; hybrid): searched as one query, and part by part"
-              " (the default: the whole question's top-1, then each part's best chunks in turn). all units@n: both"
-              " parts' gold quotes in the top n (sets with gold quotes). Single questions take one search, as before.",
+    lines += ["", "Compound questions (`rag.decompose` splits them; hybrid): searched as one query; part by part (the"
+              " whole question's top-1, then each part's best chunks in turn); and part by part with the answer probe"
+              " (the default: the LLM reads each part's best 5 chunks for its short answer, the part's top-20 chunks"
+              " holding it move up; `rag.answer_probe`). The main table's hybrid rows are the default. all units@n:"
+              " both parts' gold quotes in the top n (sets with gold quotes). Single questions take one search, as"
+              " before.",
               "",
               "| set | decomposed | search | hit@1 | recall@10 | all_groups@10 | all units@3 | all units@5 | p50 ms |"
               " p95 ms | single q p50 ms |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         c = r.get("compound") or {}
-        for label in ("one_query", "multi_query"):
+        for label in ("one_query", "multi_query", "multi_query_probe"):
             if label not in c:
                 continue
             m = c[label]
             groups, u3, u5 = (f"{m[key]:.3f}" if m.get(key) is not None else "–"
                               for key in ("all_groups@10", "all_units@3", "all_units@5"))
-            lines.append(f"| {r['set']} | {c['decomposed']}/{c['questions']} | {label.replace('_', '-')} | "
+            name = {"multi_query_probe": "multi-query + probe"}.get(label, label.replace("_", "-"))
+            lines.append(f"| {r['set']} | {c['decomposed']}/{c['questions']} | {name} | "
                          f"{m['hit@1']:.3f} | {m['recall@10']:.3f} | {groups} | {u3} | {u5} | "
                          f"{m['p50_ms']:.1f} | {m['p95_ms']:.1f} | {c.get('single_p50_ms', '–')} |")
     bounded = [r for r in results if r.get("bound")]
@@ -316,6 +356,7 @@ def main(argv=None) -> int:
     parser.add_argument("--sets", default=",".join(SETS), help=f"comma-separated, from {', '.join(SETS)}")
     parser.add_argument("--limit-questions", type=int, help="first N questions per set")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results.md"))
+    parser.add_argument("--no-probe", action="store_true", help="without the answer probe (no LLM)")
     parser.add_argument("-q", "--quiet", action="store_true")
     args = parser.parse_args(argv)
     names = [s.strip() for s in args.sets.split(",") if s.strip()]
@@ -327,9 +368,12 @@ def main(argv=None) -> int:
     settings = Settings()
     started = time.perf_counter()
     embedder = make_embedder(settings.embedder, settings.threads, settings.embed_batch_size)
+    from rag.llm import ChatModels
+
+    chat_models = None if args.no_probe or not settings.part_probe else ChatModels()
     results = []
     for name in names:
-        results.append(bench_set(name, settings, embedder, args.limit_questions, not args.quiet))
+        results.append(bench_set(name, settings, embedder, args.limit_questions, not args.quiet, chat_models))
         print(f"{name}: {json.dumps(results[-1]['modes'])}", file=sys.stderr, flush=True)
     text = render(results, time.perf_counter() - started, settings)
     print(text)

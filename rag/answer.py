@@ -16,17 +16,18 @@ supporting sentences, instantly). The LLM falls back to the extractive answer th
 """
 from __future__ import annotations
 
-import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Callable, Iterator
 
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate, PromptTemplate
 from langchain_core.runnables import Runnable, RunnableGenerator, RunnableLambda
 
+from rag.answer_probe import AnswerProbe, make_probe
+from rag.answer_turn import Turn, step  # noqa: F401 (Turn: also imported from here)
 from rag.answer_types import (  # noqa: F401 (AnswerEvent, eval_record: also imported from here)
-    AnswerEvent, Answered, AnswerResult, Drafted, Retrieved, Rewritten, Token, _LastWins, eval_record)
+    AnswerEvent, Answered, AnswerResult, Drafted, Retrieved, Rewritten, Token, eval_record)
 from rag.cite import Citation, citations_for, verify
 from rag.config import Settings
 from rag.extractive import extractive_answer, passage_context
@@ -37,7 +38,7 @@ from rag.frame import part_labels
 from rag.judge import support_probability
 from rag.llm import ChatModels
 from rag.places import dominant_place
-from rag.retrieve import Hit, Searcher
+from rag.retrieve import Hit, Retrieval, Searcher
 from rag.templates import load_prompt
 from rag.tokens import count_tokens
 from rag.zh import REFUSAL, is_refusal, not_found
@@ -47,57 +48,6 @@ from rag.zh import REFUSAL, is_refusal, not_found
 MIN_DENSE_SCORE = 0.80
 LLM_UNAVAILABLE = "大模型不可用，已改用抽取式回答 / LLM unavailable, extractive answer ({})"
 LLM_FAILED = "大模型出错，已改用抽取式回答 / LLM failed, extractive answer ({})"
-
-
-@dataclass
-class Turn(_LastWins):
-    """One question on its way through the chain: each step fills in its part."""
-
-    question: str
-    history: list[dict]
-    backend: str
-    k: int
-    max_tokens: int | None = None
-    where: Where = field(default_factory=Where)  # a metadata filter on what may be retrieved
-    started: float = field(default_factory=time.perf_counter)
-    query: str = ""
-    parts: list[str] = field(default_factory=list)
-    hits: list[Hit] = field(default_factory=list)
-    passages: list[dict] = field(default_factory=list)
-    # One entry per part of the question (one for a single question): its numbered passages
-    # (indices into ``hits``), their prompt text, and the model's answer to it.
-    part_hits: list[list[int]] = field(default_factory=list)
-    part_contexts: list[str] = field(default_factory=list)
-    part_texts: list[str] = field(default_factory=list)
-    part_relevant: list[bool] = field(default_factory=list)  # a part with nothing close is not answered
-    text: str = ""
-    messages: list | None = None
-    notice: str | None = None
-    timings: dict[str, float] = field(default_factory=dict)
-    result: AnswerResult | None = None
-    # Set when the caller closes the stream (a client left): the steps then stop working. LCEL
-    # drains a closed sequence through its later steps, so closing alone would not stop the LLM.
-    cancelled: threading.Event = field(default_factory=threading.Event)
-
-    def elapsed_ms(self) -> float:
-        return (time.perf_counter() - self.started) * 1000
-
-    @property
-    def questions(self) -> list[str]:
-        """What the model answers: each part of a compound question, else the query itself."""
-        return self.parts if len(self.parts) > 1 else [self.query]
-
-
-def _step(name: str, work: Callable[[Turn], Iterator]) -> Runnable:
-    """A named chain step: events from earlier steps pass through; the turn goes to ``work``,
-    which yields its own events and then the turn for the next step."""
-    def transform(items: Iterator) -> Iterator:
-        for item in items:
-            if isinstance(item, Turn) and not item.cancelled.is_set():
-                yield from work(item)
-            else:
-                yield item
-    return RunnableGenerator(transform, name=name)
 
 
 class Answerer:
@@ -122,18 +72,32 @@ class Answerer:
         self.rewrite_prompt = ChatPromptTemplate.from_messages([("human", load_prompt("rewrite"))])
         self.judge_prompt = load_prompt("judge").strip()
         self._doc_places: dict[str, str | None] = {}  # doc id → the place it is about (rag.align)
+        self._probes: dict[str, AnswerProbe | None] = {}  # per backend (rag.answer_probe)
         # The LLM, with the extractive answer as its fallback (the model's exception in "error").
         self.generator = RunnableGenerator(self._llm_tokens, name="llm").with_fallbacks(
             [RunnableLambda(self._extractive_fallback, name="extractive")], exception_key="error")
-        self.chain = (_step("rewrite", self._rewrite_step) | _step("retrieve", self._retrieve_step)
-                      | _step("pack", self._pack_step) | _step("generate", self._generate_step)
-                      | _step("verify", self._verify_step) | _step("finalise", self._finalise_step)
+        self.chain = (step("rewrite", self._rewrite_step) | step("retrieve", self._retrieve_step)
+                      | step("pack", self._pack_step) | step("generate", self._generate_step)
+                      | step("verify", self._verify_step) | step("finalise", self._finalise_step)
                       ).with_config(run_name="answer")
 
     # ------------------------------------------------------------ pieces
     def chat_model(self, backend: str):
         """The LangChain chat model of a backend (from the shared cache, loaded once)."""
         return self._chat_models(self.settings, backend)
+
+    def probe(self, backend: str | None = None) -> AnswerProbe | None:
+        """The answer probe of a backend (None: ``RAG_PART_PROBE=false`` or ``extractive``)."""
+        backend = backend or self.settings.llm_backend
+        if backend not in self._probes:
+            self._probes[backend] = make_probe(self.settings, lambda: self.chat_model(backend), backend)
+        return self._probes[backend]
+
+    def retrieve(self, query: str, k: int | None = None, mode: str = "hybrid", where: Where | None = None,
+                 backend: str | None = None) -> Retrieval:
+        """The retrieval the answer step reads, for every front end's search (CLI, API, MCP, eval):
+        ``search_parts`` with the backend's answer probe on a compound question's parts."""
+        return self.searcher.search_parts(query, k, mode, where=where, probe=self.probe(backend))
 
     def place_of(self, hit: Hit) -> str | None:
         """The place a passage's document is about (``rag.places.dominant_place``), cached per document."""
@@ -257,8 +221,8 @@ class Answerer:
 
     def _retrieve_step(self, turn: Turn) -> Iterator:
         t = time.perf_counter()
-        retrieval = self.searcher.search_parts(turn.query, turn.k, where=turn.where)
-        turn.hits = retrieval.hits
+        retrieval = self.retrieve(turn.query, turn.k, where=turn.where, backend=turn.backend)
+        turn.hits, turn.part_answers = retrieval.hits, retrieval.part_answers
         turn.parts = list(retrieval.parts) if len(retrieval.parts) > 1 else []
         # Relevance per part by its own search's nearest passage: the rule a single question gets.
         turn.part_relevant = [best >= MIN_DENSE_SCORE for best in retrieval.best_dense] if turn.parts else []
@@ -337,7 +301,8 @@ class Answerer:
     def _verify_step(self, turn: Turn) -> Iterator:
         hits = turn.hits
         result = AnswerResult(turn.question, turn.query, REFUSAL, backend=turn.backend, notice=turn.notice,
-                              passages=turn.passages, refused=True, raw_answer=turn.text, parts=turn.parts)
+                              passages=turn.passages, refused=True, raw_answer=turn.text, parts=turn.parts,
+                              part_answers=turn.part_answers)
         passages = [h.chunk.text for h in hits]
         contexts, places = [passage_context(h) for h in hits], [self.place_of(h) for h in hits]
         answers, sentences, used = [], [], []

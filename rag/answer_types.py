@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from rag.answer_probe import PartAnswer
 from rag.cite import Citation
 
 
@@ -33,11 +34,15 @@ class AnswerResult:
     timings: dict[str, float] = field(default_factory=dict)  # ms: rewrite, retrieve, first_token, total
     raw_answer: str = ""  # the model's text before verification (what the eval log keeps)
     parts: list[str] = field(default_factory=list)  # the question's parts when it asks several things
+    # per part, the short answer the LLM read in its best passages before the merge (rag.answer_probe)
+    part_answers: list[PartAnswer] = field(default_factory=list)
     kbs: list[str] = field(default_factory=list)  # the knowledge bases searched (several: citations name theirs)
     filters: dict = field(default_factory=dict)  # the metadata filter applied (``rag.filters``), if any
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        data = asdict(self)
+        data["part_answers"] = [a.to_dict() for a in self.part_answers]  # JSON-ready (no chunk keys)
+        return data
 
     def sources_text(self) -> str:
         """Numbered sources block, readable in any terminal or chat client."""

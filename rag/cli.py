@@ -28,6 +28,8 @@ def _settings(args) -> Settings:
         overrides["home"] = Path(args.home)
     if getattr(args, "embedder", None):
         overrides["embedder"] = args.embedder
+    if getattr(args, "no_probe", False):
+        overrides["part_probe"] = False
     return Settings(**overrides)
 
 
@@ -74,17 +76,23 @@ def cmd_search(args) -> int:
     settings = _settings(args)
     check_question(args.query, settings)  # too long: one clear line, exit 2 (before any model loads)
     where = Where.parse(args.where)  # a bad condition: one clear line, exit 2 (before any model loads)
-    searcher = RagService(settings).searcher(settings.kb)  # --kb a,b: several KBs searched as one
-    # A compound question is searched part by part (rag.decompose); --json shows the parts:
+    service = RagService(settings)
+    searcher = service.searcher(settings.kb)  # --kb a,b: several KBs searched as one
+    # A compound question is searched part by part (rag.decompose), as the answer step searches
+    # it (the answer probe included); --json shows the parts:
     # {"query", "parts", "method", "hits": [... each with "parts": indices into "parts", and "kb"],
-    #  "filters": {...} when --where was given}.
-    result = searcher.search_parts(args.query, args.k, args.mode, where=where)
+    #  "filters": {...} when --where was given, "part_answers": [...] when the probe ran}.
+    result = service.answerer(settings.kb).retrieve(args.query, args.k, args.mode, where=where)
     hits = result.hits
     if args.json:
         print(json.dumps(result.to_dict(), ensure_ascii=False, indent=2))
         return 0
     if result.compound:
         print("分解为 parts: " + " | ".join(f"({n}) {p}" for n, p in enumerate(result.parts, 1)))
+        if result.part_answers:
+            print("预读答案 probed: " + " | ".join(
+                f"({n}) {a.answer or '—'}" + (f" ×{a.holding}" if a.answer else f" ({a.error})" if a.error else "")
+                for n, a in enumerate(result.part_answers, 1)))
         print()
     if where:
         print(f"过滤 filter: {where.describe()}")
@@ -153,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "also take several: a,b")
     common.add_argument("--home", default=argparse.SUPPRESS,
                         help="知识库目录 where KBs live (default: RAG_HOME, else <project>/index in a checkout, ./index when installed)")
+    common.add_argument("--no-probe", action="store_true", default=argparse.SUPPRESS,
+                        help="复合问题不先让大模型预读各部分的答案 do not let the LLM read each part's answer "
+                             "before merging a compound question's parts (RAG_PART_PROBE=false)")
     parser = argparse.ArgumentParser(prog="rag", description="中文文档问答 · Chinese document QA", parents=[common])
     sub = parser.add_subparsers(dest="command", required=True)
 

@@ -76,10 +76,15 @@ def cmd_eval(args) -> int:
     service.check_name(settings.kb)  # an eval run scores one KB (its document ids and generation)
     searcher = service.searcher(settings.kb)  # one searcher for retrieval and answers
     answer_fn = _answer_fn(args, service)
+    # the retrieval the answer step reads: a compound question's parts with the answer probe
+    from rag.service import LLMChoice
+
+    backend = args.llm or settings.llm_backend
+    probe = service.answerer(settings.kb, LLMChoice(backend)).probe(backend)
     try:
         report = run_eval(Path(args.questions), settings, out, k=args.k, mode=args.mode, limit=args.limit,
                           answer_fn=answer_fn, searcher=searcher, progress=not args.quiet, fresh=args.fresh,
-                          extra_config=extra)
+                          extra_config=extra, probe=probe)
     finally:
         service.close()
     r, lat = report["retrieval"], report["latency"]

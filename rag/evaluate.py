@@ -136,11 +136,14 @@ def _hit_record(hit, units: frozenset[str]) -> dict:
     }
 
 
-def evaluate_question(q: Question, searcher, judge: Judge, mode: str, depth: int) -> dict:
-    """Retrieve for one question and score it; returns its log record."""
+def evaluate_question(q: Question, searcher, judge: Judge, mode: str, depth: int, probe=None) -> dict:
+    """Retrieve for one question and score it; returns its log record.
+
+    ``probe``: the answer step's ``rag.answer_probe.AnswerProbe`` (``Answerer.probe``), so that
+    the retrieval scored is the one the answer step reads."""
     started = time.perf_counter()
     # the same retrieval as search(); a compound question's parts go to the log (rag.decompose)
-    retrieval = searcher.search_parts(q.search_query, depth, mode)
+    retrieval = searcher.search_parts(q.search_query, depth, mode, probe=probe)
     hits = retrieval.hits
     latency = (time.perf_counter() - started) * 1000
     units = [judge.units(q, h.chunk.doc_id, h.chunk.start, h.chunk.end) for h in hits]
@@ -150,6 +153,8 @@ def evaluate_question(q: Question, searcher, judge: Judge, mode: str, depth: int
         "parts": retrieval.parts, "retrieved": [_hit_record(h, u) for h, u in zip(hits, units)],
         "latency_ms": {"retrieve": round(latency, 3)},
     }
+    if retrieval.part_answers:
+        record["part_answers"] = [a.answer for a in retrieval.part_answers]
     if not q.negative:
         record["metrics"] = score_question(q, units, [h.chunk.doc_id for h in hits])
         first = next((i for i, u in enumerate(units, 1) if u), None)
@@ -185,7 +190,7 @@ def _answer_record(q: Question, answer_fn: Callable[..., dict]) -> dict:
 
 def run_eval(questions_path: Path, settings: Settings, out: Path, *, k: int = 5, mode: str = "hybrid",
              limit: int | None = None, answer_fn: Callable[[str], dict] | None = None, searcher=None,
-             progress: bool = True, fresh: bool = False, extra_config: dict | None = None) -> dict:
+             progress: bool = True, fresh: bool = False, extra_config: dict | None = None, probe=None) -> dict:
     """Evaluate a question file against ``settings.kb``; resumable through ``out/log.jsonl``.
 
     Args:
@@ -200,6 +205,8 @@ def run_eval(questions_path: Path, settings: Settings, out: Path, *, k: int = 5,
         searcher: an open ``Searcher`` to reuse (opened from ``settings`` when None).
         fresh: discard an earlier log in ``out`` instead of resuming it.
         extra_config: more entries for ``report["config"]`` (e.g. the corpus).
+        probe: the answer step's answer probe (``Answerer.probe``) for compound questions; None:
+            their parts are merged without it.
     Returns the report dict (also written to ``out/report.json``).
     """
     from tqdm import tqdm
@@ -217,12 +224,13 @@ def run_eval(questions_path: Path, settings: Settings, out: Path, *, k: int = 5,
             "chunk_tokens": settings.chunk_tokens, "chunk_overlap_tokens": settings.chunk_overlap_tokens,
             "mode": mode, "questions": str(questions_path), "kb_generation": searcher.kb.generation,
             "fusion": settings.fusion, "bm25_weight": settings.bm25_weight, "rrf_k": settings.rrf_k,
-            "reranker": settings.reranker, "answers": answer_fn is not None, **(extra_config or {}),
+            "reranker": settings.reranker, "answers": answer_fn is not None, "part_probe": probe is not None,
+            **(extra_config or {}),
         }
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         log_path, run_path = out / "log.jsonl", out / "run.json"
-        identity = {key: config[key] for key in ("kb", "embedder", "mode", "answers", "questions")}
+        identity = {key: config[key] for key in ("kb", "embedder", "mode", "answers", "questions", "part_probe")}
         if fresh:
             log_path.unlink(missing_ok=True)
         elif run_path.exists() and log_path.exists():
@@ -252,7 +260,7 @@ def run_eval(questions_path: Path, settings: Settings, out: Path, *, k: int = 5,
             disable=not progress, file=sys.stderr, dynamic_ncols=True,
         ) as bar:
             for q in todo:
-                record = evaluate_question(q, searcher, judge, mode, depth)
+                record = evaluate_question(q, searcher, judge, mode, depth, probe)
                 if answer_fn is not None:
                     record["answer"] = _answer_record(q, answer_fn)
                 log.write(json.dumps(record, ensure_ascii=False) + "\n")

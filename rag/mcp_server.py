@@ -138,6 +138,9 @@ class SearchResult(BaseModel):
     parts: list[str] = Field(description="问题的子问题（单一问题时就是它本身）/ the question's parts ([query] if single)")
     method: str = Field(description="拆分方式 how it was split: single | rules")
     filters: dict = Field(default_factory=dict, description="所用的元数据过滤 the metadata filter applied")
+    part_answers: list[str] = Field(default_factory=list, description=(
+        "复合问题：大模型从各子问题前几段读出的简短答案，含它的段落排前（空：未预读）/ compound questions: "
+        "the short answer the LLM read per part; passages holding it were moved up (empty: not probed)"))
     passages: list[Passage]
 
 
@@ -221,14 +224,15 @@ class RagTools:
         where = filters.where() if filters else Where()
 
         def run():
-            searcher = self.service.searcher(name)  # unknown KB: KnowledgeBaseNotFound
-            return searcher.name, searcher.search_parts(query, k, where=where)
+            answerer = self.service.answerer(name)  # unknown KB: KnowledgeBaseNotFound
+            return answerer.searcher.name, answerer.retrieve(query, k, where=where)
 
         with _tool_errors():
             async with slot(self.work_gate):
                 kb_name, found = await anyio.to_thread.run_sync(run)
         return SearchResult(kb=kb_name, query=found.query, parts=found.parts, method=found.method,
-                            filters=where.to_dict(), passages=[Passage.of(n, hit) for n, hit in enumerate(found.hits, 1)])
+                            filters=where.to_dict(), part_answers=[a.answer for a in found.part_answers],
+                            passages=[Passage.of(n, hit) for n, hit in enumerate(found.hits, 1)])
 
     async def ask(
         self,

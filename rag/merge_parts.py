@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from rag.retrieve import Hit
 
+FAIR_TURNS = 2  # turns every part has before parts holding their probed answer go first
 PART_DEPTH = 20  # chunks of each part's ranking that check_part reorders before the merge
 # BM25's weight in a part's own z-score fusion (the whole question keeps ``settings.bm25_weight``).
 # A part is short and names one thing, so its rare words (a year, a name) weigh more in BM25 than
@@ -26,7 +27,8 @@ PART_DEPTH = 20  # chunks of each part's ranking that check_part reorders before
 PART_BM25_WEIGHT = 0.45
 
 
-def merge_parts(whole: list[Hit], per_part: list[list[Hit]], k: int) -> list[Hit]:
+def merge_parts(whole: list[Hit], per_part: list[list[Hit]], k: int,
+                held: list[set[tuple[str, int]] | None] | None = None) -> list[Hit]:
     """Merge the whole question's ranking with each part's so that every part keeps its best
     chunks: the whole question's best chunk first (a compound question keeps its top-1), then
     in turn the part served least so far takes its best chunk not yet taken (the first chunk
@@ -37,6 +39,13 @@ def merge_parts(whole: list[Hit], per_part: list[list[Hit]], k: int) -> list[Hit
     parts .70 / .335 (the least-served order puts each part's best chunk in the top 3: seeds
     two-part set, all parts in the top 3 .95 → 1.0); the union ordered by summed fused score
     .66 / .328, by the best fused score .70 / .329 (and loses the top-1).
+
+    ``held`` (from the answer probe, ``rag.answer_probe``): per part, the chunks that hold the
+    answer the LLM read for it (None: a part that keeps its turns, its answer being unknown or
+    possibly incomplete). Then, once every part has had ``FAIR_TURNS`` turns, the turns go to
+    the parts whose next chunk holds their answer, and to those that keep their turns, before
+    the others: a part with ten passages holding its answer should not give up slots to
+    another's passages that hold none.
 
     ``Hit.parts`` of a merged chunk lists the parts whose own top ``k`` holds it, and the part it
     was taken for (``[]``: only the whole question found it); its score is the fused score of
@@ -63,16 +72,27 @@ def merge_parts(whole: list[Hit], per_part: list[list[Hit]], k: int) -> list[Hit
         if found:
             turns[min(found)[1]] += 1  # it counts for the part that ranks it best
     queues = [list(hits) for hits in per_part]
-    while len(merged) < k:
+
+    def turn(may_go) -> bool:
+        """Give the next slot to the least-served part that ``may_go``; False when none may."""
         for queue in queues:
             while queue and queue[0].chunk.key in taken:
                 queue.pop(0)
-        waiting = [i for i, queue in enumerate(queues) if queue]
+        waiting = [i for i, queue in enumerate(queues) if queue and may_go(i)]
         if not waiting:
-            break
+            return False
         part = min(waiting, key=lambda i: (turns[i], i))  # the part served least so far goes next
         take(queues[part].pop(0), part)
         turns[part] += 1
+        return True
+
+    if held:
+        while len(merged) < k and turn(lambda i: turns[i] < FAIR_TURNS):
+            pass
+        while len(merged) < k and turn(lambda i: held[i] is None or queues[i][0].chunk.key in held[i]):
+            pass
+    while len(merged) < k and turn(lambda i: True):
+        pass
     for hit in whole[1:]:
         if len(merged) >= k:
             break

@@ -26,6 +26,7 @@ from langchain_core.documents import Document
 from langchain_core.retrievers import BaseRetriever
 from pydantic import ConfigDict
 
+from rag.answer_probe import AnswerProbe, PartAnswer
 from rag.config import Settings
 from rag.decompose import Decomposition, decompose
 from rag.embed import make_embedder
@@ -74,6 +75,8 @@ class Retrieval:
         best_dense: per part, the best dense cosine of its own search (how close the KB comes
             to what the part asks; the merged hits' scores come from whichever list they were taken from).
         where: the metadata filter the search applied (empty: none).
+        part_answers: per part, what the answer probe read (``rag.answer_probe``; empty when
+            no probe ran: a single question, ``RAG_PART_PROBE=false``, no LLM).
     """
 
     query: str
@@ -82,6 +85,7 @@ class Retrieval:
     method: str = "single"
     best_dense: list[float] = field(default_factory=list)
     where: Where = field(default_factory=Where)
+    part_answers: list[PartAnswer] = field(default_factory=list)
 
     @property
     def compound(self) -> bool:
@@ -92,6 +96,8 @@ class Retrieval:
                 "hits": [h.to_dict() for h in self.hits]}
         if self.where:
             data["filters"] = self.where.to_dict()
+        if self.part_answers:
+            data["part_answers"] = [a.to_dict() for a in self.part_answers]
         return data
 
 
@@ -157,13 +163,15 @@ class PartSearch:
         return self.search_parts(query, k, mode, where=where).hits
 
     def search_parts(self, query: str, k: int | None = None, mode: Mode = "hybrid",
-                     split: bool = True, where: Where | None = None) -> Retrieval:
+                     split: bool = True, where: Where | None = None, probe: AnswerProbe | None = None) -> Retrieval:
         """Decompose ``query`` (``rag.decompose``, rules only) and search it.
 
         A single question is one search, exactly as before (its hits serve part 0). A compound
         one is searched whole and part by part (query embeddings in one batch) and the lists are
         merged with ``merge_parts``. ``split=False`` searches the question as one (benchmarks).
-        ``where`` restricts every search to the documents it lets through.
+        ``where`` restricts every search to the documents it lets through. ``probe`` (compound
+        questions only) moves up in each part's ranking the chunks that hold the answer the LLM
+        reads in its best ones (``rag.answer_probe``).
         """
         k = k or self.settings.top_k
         where = where or Where()
@@ -179,8 +187,12 @@ class PartSearch:
         lists = [self._search_one(q, depth, mode, vector, None if i == 0 else PART_BM25_WEIGHT, where)
                  for i, (q, vector) in enumerate(zip(queries, vectors))]
         per_part = [check_part(part, hits, depth) for part, hits in zip(parts.parts, lists[1:])]
-        return Retrieval(query, parts.parts, merge_parts(lists[0], per_part, k), parts.method,
-                         [_best_dense(hits) for hits in lists[1:]], where)
+        part_answers = []
+        if probe is not None:
+            per_part, part_answers = probe.rerank_parts(parts.parts, per_part)
+        held = [set(answer.held) if answer.yields_turns else None for answer in part_answers] or None
+        return Retrieval(query, parts.parts, merge_parts(lists[0], per_part, k, held), parts.method,
+                         [_best_dense(hits) for hits in lists[1:]], where, part_answers)
 
     def _search_one(self, query: str, k: int, mode: Mode, vector: np.ndarray | None = None,
                     bm25_weight: float | None = None, where: Where = Where()) -> list[Hit]:

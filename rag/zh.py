@@ -130,3 +130,33 @@ def is_question(sentence: str) -> bool:
 def not_found(part: str) -> str:
     """What an answer says for a part of a compound question the documents do not answer."""
     return f"文档中没有找到“{part.strip().rstrip('?？。')}”的相关信息。"
+
+
+# How a short answer lists several items: 海清、童瑶、张颂文 / A和B. A number keeps its commas.
+_ITEM_SEPARATOR = re.compile(r"\s*(?:[、，,；;/]|以及)\s*")
+_QUOTES = "《》「」『』“”\"'〈〉"
+_NO_ANSWER = re.compile(r"^(无|没有|未知|不知道|none|n/?a)$", re.IGNORECASE)
+
+
+def answer_items(answer: str) -> list[list[str]]:
+    """The items of a short answer (an LLM's, ``rag.answer_probe``), each with the forms a
+    passage may write it in (Simplified, NFKC: compare with ``simplified(text)``): ``2022年1月3日`` also as ``1月3日``, ``18.0%`` as ``18%``,
+    ``2,213,795`` as ``2213795``, 《满江红》 as 满江红. Empty for "无" and for a sentence
+    (longer than 30 characters: not a short answer)."""
+    text = simplified(answer).strip().strip("。.，,；;:：!！ ")
+    if not text or len(text) > 30 or _NO_ANSWER.match(text) or is_refusal(text):
+        return []
+    pieces = [text] if re.fullmatch(r"[\d,.]+", text) else _ITEM_SEPARATOR.split(text)
+    items = []
+    for piece in pieces:
+        piece = piece.strip().strip(_QUOTES).strip()
+        if not piece:
+            continue
+        forms = {piece, re.sub(r"(\d)\.0+(?!\d)", r"\1", piece)}
+        if re.fullmatch(r"\d{1,3}(?:,\d{3})+(?:\.\d+)?", piece):
+            forms.add(piece.replace(",", ""))
+        month_day = re.fullmatch(r"\d{4}\s*年\s*(\d{1,2}\s*月.*)", piece)
+        if month_day:
+            forms.add(month_day.group(1))
+        items.append(sorted(forms, key=len, reverse=True))
+    return items

