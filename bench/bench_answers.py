@@ -71,7 +71,7 @@ def run_set(name: str, llm: str, limit: int | None, out, probe: bool = True, off
             "unsupported": result["unsupported_sentences"], "sentences": result["sentences"],
             "first_token_ms": result["timings"].get("first_token"), "total_ms": result["timings"]["total"],
             "answer": result["answer"], "question": q["question"],
-            "compound": decompose(q["question"]).compound, "part_answers": [a["answer"] for a in result["part_answers"]],
+            "compound": decompose(q["question"]).compound, "part_answers": result["part_answers"],
         }
         rows.append(row)
         out.write(json.dumps(row, ensure_ascii=False) + "\n")

@@ -48,16 +48,25 @@ class PartAnswer:
         answer: the model's short answer ("" when it found none or failed).
         holding: how many of the part's top ``PROBE_DEPTH`` chunks hold it (they moved up).
         error: why the model could not be asked, or why its answer was set aside ("" when used).
-        held: the keys of those chunks (for ``rag.merge_parts``; not in ``to_dict``).
+        held_items: those chunks' keys, each with how many of the answer's items it holds (for
+            the reordering and ``rag.merge_parts``; not in ``to_dict``).
+        items: how many items the answer has (a list answer has several).
     """
 
     part: str
     answer: str = ""
-    holding: int = 0
     error: str = ""
-    held: frozenset[tuple[str, int]] = field(default_factory=frozenset, repr=False)
-    held_items: dict[tuple[str, int], int] = field(default_factory=dict, repr=False)  # items held per chunk
-    items: int = 0  # items in the answer (a list answer has several)
+    held_items: dict[tuple[str, int], int] = field(default_factory=dict, repr=False)
+    items: int = 0
+
+    @property
+    def holding(self) -> int:
+        return len(self.held_items)
+
+    @property
+    def held(self) -> frozenset[tuple[str, int]]:
+        """The keys of the chunks that hold the answer."""
+        return frozenset(self.held_items)
 
     @property
     def yields_turns(self) -> bool:
@@ -145,7 +154,7 @@ class AnswerProbe:
             text = simplified(hit.chunk.text)
             if n := sum(any(p.search(text) for p in forms) for forms in patterns):
                 items[hit.chunk.key] = n
-        return PartAnswer(part, answer, len(items), held=frozenset(items), held_items=items, items=len(patterns))
+        return PartAnswer(part, answer, held_items=items, items=len(patterns))
 
     def reorder(self, hits: list[Hit], answer: PartAnswer) -> list[Hit]:
         """``hits`` with, after the first ``PROBE_KEEP``, the top ``depth`` that hold the answer
@@ -205,6 +214,6 @@ def set_aside_shared(answers: list[PartAnswer]) -> list[PartAnswer]:
         shared = [j for j, key in enumerate(keys) if j != i and key and keys[i]
                   and (key in keys[i] or keys[i] in key)]
         if shared:
-            answer = PartAnswer(answer.part, answer.answer, 0, f"same answer as part {shared[0] + 1}")
+            answer = PartAnswer(answer.part, answer.answer, f"same answer as part {shared[0] + 1}")
         out.append(answer)
     return out

@@ -118,6 +118,7 @@ def eval_record(result: AnswerResult) -> dict:
         "notice": result.notice,
         "query": result.query,
         "parts": result.parts,
+        "part_answers": [a.answer for a in result.part_answers],
         "citations": [{"number": c.number, "doc_id": c.doc_id, "quote": c.quote,
                        "passage": passages.get(c.number, "")} for c in result.citations],
         "sentences": len(result.sentences),

@@ -36,12 +36,12 @@ def test_answers_match_passages_as_whole_numbers_and_whatever_the_spaces():
 
 
 def test_parts_that_got_the_same_answer_are_set_aside():
-    keys = frozenset({("a.txt", 0)})
-    answers = [PartAnswer("CBA总冠军", "勇士", 1, held=keys, items=1),
-               PartAnswer("NBA总冠军", "金州勇士", 3, held=keys, items=1),
-               PartAnswer("MVP", "库里", 2, held=keys, items=1)]
+    one, two = {("a.txt", 0): 1}, {("a.txt", 0): 1, ("b.txt", 0): 1}
+    answers = [PartAnswer("CBA总冠军", "勇士", held_items=one, items=1),
+               PartAnswer("NBA总冠军", "金州勇士", held_items=two, items=1),
+               PartAnswer("MVP", "库里", held_items=two, items=1)]
     kept = set_aside_shared(answers)
-    assert [a.holding for a in kept] == [0, 0, 2] and not kept[0].held and kept[2].held == keys
+    assert [a.holding for a in kept] == [0, 0, 2] and not kept[0].held and kept[2].held == frozenset(two)
     assert kept[0].error == "same answer as part 2" and kept[0].answer == "勇士"  # still shown
 
 

@@ -93,7 +93,19 @@ def test_history_and_markdown_export():
 
 def test_details_show_both_channels():
     html = render.details_html(make_turn("q", "库", _result("青石市共有新能源公交车3200辆[1]。")))
-    assert "#1 / 0.860" in html and "— / —" in html
+    assert "#1 / 0.860" in html and "— / —" in html and "预读答案" not in html
+
+
+def test_details_show_what_the_probe_read_for_each_part():
+    from rag.answer_probe import PartAnswer
+
+    result = _result("青石市共有新能源公交车3200辆[1]。")
+    result.parts = ["青石市有多少新能源公交车", "青石市有多少充电站"]
+    result.part_answers = [PartAnswer(result.parts[0], "3200辆", held_items={("docs/bus.txt", 0): 1}, items=1),
+                           PartAnswer(result.parts[1], "", "ConnectError: 连接被拒绝 <refused>")]
+    html = render.details_html(make_turn("q", "库", result))
+    assert "拆分为 2 个子问题" in html and "预读答案" in html
+    assert "1. 3200辆（1 段含有）" in html and "2. —（ConnectError: 连接被拒绝 &lt;refused&gt;）" in html
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "::1", "127.0.0.2"])
