@@ -255,6 +255,8 @@ def test_search_returns_per_channel_scores(server):
     hits = hybrid.json()["data"]
     assert 1 <= len(hits) <= 3 and hits[0]["doc_id"] == "wiki/西湖.md" and hits[0]["number"] == 1
     assert {"score", "dense_rank", "dense_score", "bm25_rank", "bm25_score", "text", "section"} <= set(hits[0])
+    # a single question is its own only part; the answer probe runs on compound questions only
+    assert hybrid.json()["parts"] == ["西湖的面积"] and hybrid.json()["part_answers"] == []
     bm25 = httpx.post(f"{server}/v1/search", headers=headers,
                       json={"query": "大熊猫", "kb": "rag-animals", "mode": "bm25"}).json()
     assert bm25["kb"] == "animals" and all(h["dense_rank"] is None for h in bm25["data"])
