@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
@@ -168,7 +169,11 @@ class AnswerProbe:
     def rerank_parts(self, parts: list[str], rankings: list[list[Hit]]) -> tuple[list[list[Hit]], list[PartAnswer]]:
         """Probe every part of one question; parts that got the same answer are set aside
         (``set_aside_shared``); the others' rankings are reordered (``reorder``)."""
-        answers = set_aside_shared([self.read(part, hits) for part, hits in zip(parts, rankings)])
+        # At once: a hosted model answers the parts in parallel; the local one takes them in turn
+        # (its lock, rag.llm).
+        with ThreadPoolExecutor(max_workers=max(1, len(parts))) as pool:
+            read = list(pool.map(self.read, parts, rankings))
+        answers = set_aside_shared(read)
         return [self.reorder(hits, answer) for hits, answer in zip(rankings, answers)], answers
 
 
