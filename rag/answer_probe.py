@@ -147,7 +147,7 @@ class AnswerProbe:
             answer = self.ask(part, hits)
         except Exception as exc:  # the probe only reorders: without it the part keeps its ranking
             return PartAnswer(part, error=f"{type(exc).__name__}: {exc}"[:200])
-        patterns = answer_patterns(answer)
+        patterns = answer_patterns(answer, part)
         if not patterns:
             return PartAnswer(part, answer)
         items = {}
@@ -177,13 +177,13 @@ class AnswerProbe:
         return [self.reorder(hits, answer) for hits, answer in zip(rankings, answers)], answers
 
 
-def answer_patterns(answer: str) -> list[list[re.Pattern]]:
-    """For each item of a short answer (``rag.zh.answer_items``), the patterns of its written
-    forms: a number only as a whole number (``15`` not in ``2015``, ``6所`` not in ``16所``) and
+def answer_patterns(answer: str, question: str = "") -> list[list[re.Pattern]]:
+    """For each item of a short answer to ``question`` (``rag.zh.answer_items``), the patterns
+    of its written forms: a number only as a whole number (``15`` not in ``2015``, ``6所`` not in ``16所``) and
     with two digits at least; a word with two characters at least, whatever the spaces. Empty
     for "无" and for anything else unusable."""
     out = []
-    for forms in answer_items(answer):
+    for forms in answer_items(answer, question):
         patterns = []
         for form in forms:
             form = form.replace(" ", "")

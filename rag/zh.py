@@ -138,11 +138,19 @@ _QUOTES = "《》「」『』“”\"'〈〉"
 _NO_ANSWER = re.compile(r"^(无|没有|未知|不知道|none|n/?a)$", re.IGNORECASE)
 
 
-def answer_items(answer: str) -> list[list[str]]:
+# The measure word a question asks a count in: 多少所学校 → 所, 几个 → 个 (not 多少的 / 多少?).
+_ASKED_UNIT = re.compile(rf"(?:多少|几)\s*([{CJK}])")
+_NOT_UNITS = set("的是呢吗啊呀了")
+
+
+def answer_items(answer: str, question: str = "") -> list[list[str]]:
     """The items of a short answer (an LLM's, ``rag.answer_probe``), each with the forms a
     passage may write it in (Simplified, NFKC: compare with ``simplified(text)``): ``2022年1月3日`` also as ``1月3日``, ``18.0%`` as ``18%``,
-    ``2,213,795`` as ``2213795``, 《满江红》 as 满江红. Empty for "无" and for a sentence
-    (longer than 30 characters: not a short answer)."""
+    ``2,213,795`` as ``2213795``, 《满江红》 as 满江红, and a bare number with the measure word
+    ``question`` asks it in (6 for 多少所学校: 6所). Empty for "无" and for a sentence (longer than
+    30 characters: not a short answer)."""
+    unit = _ASKED_UNIT.search(simplified(question))
+    unit = unit.group(1) if unit and unit.group(1) not in _NOT_UNITS else ""
     text = simplified(answer).strip().strip("。.，,；;:：!！ ")
     if not text or len(text) > 30 or _NO_ANSWER.match(text) or is_refusal(text):
         return []
@@ -155,6 +163,8 @@ def answer_items(answer: str) -> list[list[str]]:
         forms = {piece, re.sub(r"(\d)\.0+(?!\d)", r"\1", piece)}
         if re.fullmatch(r"\d{1,3}(?:,\d{3})+(?:\.\d+)?", piece):
             forms.add(piece.replace(",", ""))
+        if unit and re.fullmatch(r"\d+(?:\.\d+)?", piece):
+            forms.add(piece + unit)
         month_day = re.fullmatch(r"\d{4}\s*年\s*(\d{1,2}\s*月.*)", piece)
         if month_day:
             forms.add(month_day.group(1))

@@ -25,6 +25,13 @@ def test_a_short_answer_splits_into_items_and_the_forms_a_passage_may_use(answer
     assert answer_items(answer) == items
 
 
+def test_a_bare_number_takes_the_measure_word_the_question_asks_in():
+    assert answer_items("6", "白河市去年新建了多少所学校") == [["6所", "6"]]
+    assert answer_items("6", "增长率是多少") == [["6"]] and answer_items("12", "多少的") == [["12"]]
+    [[six]] = answer_patterns("6", "白河市去年新建了多少所学校")  # one digit, usable with its measure word
+    assert six.search("去年白河市新建了6所学校") and not six.search("新建了16所学校")
+
+
 def test_answers_match_passages_as_whole_numbers_and_whatever_the_spaces():
     [[six]] = answer_patterns("6所")
     assert six.search("去年白河市新建了6所学校") and not six.search("新建了16所学校")
