@@ -12,7 +12,9 @@ several KBs are searched as one by pooling their channels before the fusion (``f
 
 A question that asks several things (``rag.decompose``: 甲市和乙市…分别…, 主演和导演是谁) is
 searched as a whole and part by part; the lists are merged so that every part keeps its best
-chunks in the top k (``merge_parts``). Single questions take exactly one search, as before.
+chunks in the top k (``merge_parts``), after the answer probe, when given, moved up in each part's
+list the chunks holding the answer the LLM read for it (``rag.answer_probe``). Single questions
+take exactly one search, as before.
 """
 from __future__ import annotations
 
