@@ -91,7 +91,7 @@ def cmd_search(args) -> int:
         print("分解为 parts: " + " | ".join(f"({n}) {p}" for n, p in enumerate(result.parts, 1)))
         if result.part_answers:
             print("预读答案 probed: " + " | ".join(
-                f"({n}) {a.answer or '—'}" + (f" ×{a.holding}" if a.answer else f" ({a.error})" if a.error else "")
+                f"({n}) {a.answer or '—'}" + (f" ×{a.holding}" if a.holding else f" ({a.error})" if a.error else "")
                 for n, a in enumerate(result.part_answers, 1)))
         print()
     if where:
