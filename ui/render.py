@@ -221,7 +221,7 @@ def details_html(turn: dict | None) -> str:
     if any(a["answer"] or a["error"] for a in probed):
         split += ('<div><b>预读答案</b>（大模型先从各子问题的前几段读出答案，含此答案的段落排前）：'
                   + "；".join(f"{i}. {esc(a['answer'] or '—')}"
-                              + (f"（{a['holding']} 段含有）" if a["answer"] else f"（{esc(a['error'])}）" if a["error"] else "")
+                              + (f"（{a['holding']} 段含有）" if a["holding"] else f"（{esc(a['error'])}）" if a["error"] else "")
                               for i, a in enumerate(probed, 1)) + "</div>")
     scope = f'<div><b>知识库</b>：{esc("、".join(r.get("kbs") or [turn["kb"]]))}</div>'
     if described := filter_text(r.get("filters")):
