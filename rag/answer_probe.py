@@ -7,9 +7,9 @@ do not (last year's winner, the other city's figure). Passages that hold the ans
 once one is read, the others are found by the answer itself. No reranker installs offline here;
 a short extraction by the LLM already in memory is the reader that tells them apart.
 
-Cost: one LLM call per part, prompt ~5 focused passages (~500 tokens), answer ≤ 24 tokens:
-~3 s per part with the local 1.5B model on 2 cores (bench/results.md). Single questions never
-pay it; nor does anything when ``RAG_PART_PROBE=false`` or the backend is ``extractive``.
+Cost: one LLM call per part, prompt 5 focused passages (~350–650 tokens), answer ≤ 24 tokens:
+3.4–4.8 s per compound question with the local 1.5B model on 2 cores (bench/results.md). Single
+questions never pay it; nor does anything when ``RAG_PART_PROBE=false`` or the backend is ``extractive``.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from langchain_core.messages import HumanMessage, SystemMessage
 
 from rag.focus import focus
 from rag.templates import load_prompt
-from rag.zh import answer_items, simplified
+from rag.zh import answer_items, normalise, simplified
 
 if TYPE_CHECKING:
     from langchain_core.language_models import BaseChatModel
@@ -93,8 +93,8 @@ class AnswerProbe:
             same part in a follow-up cost no second call.
     """
 
-    def __init__(self, chat_model: Callable[[], BaseChatModel], passages: int = PROBE_PASSAGES, focus_tokens: int = PROBE_FOCUS_TOKENS,
-                 depth: int = PROBE_DEPTH, cache_size: int = 256):
+    def __init__(self, chat_model: Callable[[], BaseChatModel], passages: int = PROBE_PASSAGES,
+                 focus_tokens: int = PROBE_FOCUS_TOKENS, depth: int = PROBE_DEPTH, cache_size: int = 256):
         self.chat_model = chat_model
         self.passages, self.focus_tokens, self.depth = passages, focus_tokens, depth
         self.system = load_prompt("probe_system").strip()
@@ -117,14 +117,18 @@ class AnswerProbe:
         body = "\n".join(f"[{n}] {focus(hit.chunk.text, part, self.focus_tokens)}" for n, hit in enumerate(read, 1))
         messages = [SystemMessage(self.system), HumanMessage(self.template.format(passages=body, part=part))]
         reply = self.chat_model().invoke(messages, max_tokens=PROBE_MAX_TOKENS, temperature=0)
-        self.calls += 1
         lines = str(reply.content).strip().splitlines()
         answer = lines[0].strip() if lines else ""
         with self._lock:
-            self._cache[key] = answer
-            while len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
+            self.calls += 1
+            self._keep(key, answer)
         return answer
+
+    def _keep(self, key: tuple, answer: str) -> None:
+        """Remember an answer, forgetting the oldest beyond ``cache_size`` (caller holds the lock)."""
+        self._cache[key] = answer
+        while len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
 
     def answers(self) -> list[tuple[tuple, str]]:
         """The remembered answers, oldest first (to keep across runs: ``remember``)."""
@@ -135,9 +139,7 @@ class AnswerProbe:
         """Take answers from an earlier run (``answers``), as if the model had given them."""
         with self._lock:
             for key, answer in answers:
-                self._cache[key] = answer
-            while len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
+                self._keep(key, answer)
 
     def read(self, part: str, hits: list[Hit]) -> PartAnswer:
         """The part's probed answer and which of its top ``depth`` hits hold it (by how many of a
@@ -179,9 +181,9 @@ class AnswerProbe:
 
 def answer_patterns(answer: str, question: str = "") -> list[list[re.Pattern]]:
     """For each item of a short answer to ``question`` (``rag.zh.answer_items``), the patterns
-    of its written forms: a number only as a whole number (``15`` not in ``2015``, ``6所`` not in ``16所``) and
-    with two digits at least; a word with two characters at least, whatever the spaces. Empty
-    for "无" and for anything else unusable."""
+    of its written forms: a number only as a whole number (``15`` not in ``2015``, ``6所`` not
+    in ``16所``) and with two digits at least; a word with two characters at least, whatever the
+    spaces. Empty for "无" and for anything else unusable."""
     out = []
     for forms in answer_items(answer, question):
         patterns = []
@@ -211,8 +213,6 @@ def set_aside_shared(answers: list[PartAnswer]) -> list[PartAnswer]:
     """Parts asking different things (甲和乙分别…) that got the same answer: at least one is the
     model misreading, and which one is unknown, so neither moves chunks (their rankings stay
     as retrieval made them)."""
-    from rag.zh import normalise
-
     keys = [normalise(a.answer) if a.held else "" for a in answers]
     out = []
     for i, answer in enumerate(answers):

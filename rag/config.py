@@ -46,8 +46,8 @@ class Settings(BaseSettings):
     user_dict: Path | None = None  # jieba user dictionary (one word per line)
     reranker: str | None = None  # sentence-transformers cross-encoder name/path; off by default
     # A compound question's parts: the LLM reads each part's best chunks for its short answer and
-    # the chunks holding it move up (rag.answer_probe; ~3 s per part on the local model). Off with
-    # the extractive backend. Measured on rgb_zh_int in bench/results.md.
+    # the chunks holding it move up (rag.answer_probe; 3.4–4.8 s per compound question on the
+    # local model). Off with the extractive backend. Measured on rgb_zh_int in bench/results.md.
     part_probe: bool = True
 
     # LLM

@@ -28,7 +28,7 @@ PART_BM25_WEIGHT = 0.45
 
 
 def merge_parts(whole: list[Hit], per_part: list[list[Hit]], k: int,
-                held: list[set[tuple[str, int]] | None] | None = None) -> list[Hit]:
+                held: list[frozenset[tuple[str, int]] | None] | None = None) -> list[Hit]:
     """Merge the whole question's ranking with each part's so that every part keeps its best
     chunks: the whole question's best chunk first (a compound question keeps its top-1), then
     in turn the part served least so far takes its best chunk not yet taken (the first chunk

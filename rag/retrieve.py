@@ -192,7 +192,7 @@ class PartSearch:
         part_answers = []
         if probe is not None:
             per_part, part_answers = probe.rerank_parts(parts.parts, per_part)
-        held = [set(answer.held) if answer.yields_turns else None for answer in part_answers] or None
+        held = [answer.held if answer.yields_turns else None for answer in part_answers] or None
         return Retrieval(query, parts.parts, merge_parts(lists[0], per_part, k, held), parts.method,
                          [_best_dense(hits) for hits in lists[1:]], where, part_answers)
 
