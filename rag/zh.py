@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from decimal import ROUND_HALF_UP, Decimal
 from functools import lru_cache
 
 REFUSAL = "文档中没有找到相关信息"
@@ -143,10 +144,23 @@ _ASKED_UNIT = re.compile(rf"(?:多少|几)\s*([{CJK}])")
 _NOT_UNITS = set("的是呢吗啊呀了")
 
 
+def _one_decimal_less(piece: str) -> str:
+    """``piece`` with its figure of five digits or more (``5545.52``) rounded to one decimal
+    less (``5545.5``); "" when it has none."""
+    figure = re.search(r"(?<![\d.])(\d+)\.(\d{2,})(?![\d.])", piece)
+    if not figure or len(figure.group(1) + figure.group(2)) < 5:
+        return ""
+    decimals = len(figure.group(2)) - 1
+    value = Decimal(figure.group(0)).quantize(Decimal(1).scaleb(-decimals), rounding=ROUND_HALF_UP)
+    return piece[:figure.start()] + str(value) + piece[figure.end():]
+
+
 def answer_items(answer: str, question: str = "") -> list[list[str]]:
     """The items of a short answer (an LLM's, ``rag.answer_probe``), each with the forms a
     passage may write it in (Simplified, NFKC: compare with ``simplified(text)``): ``2022年1月3日`` also as ``1月3日``, ``18.0%`` as ``18%``,
-    ``2,213,795`` as ``2213795``, 《满江红》 as 满江红, and a bare number with the measure word
+    ``2,213,795`` as ``2213795``, a figure of five digits or more with its last decimal rounded
+    away (``5545.52亿`` as ``5545.5亿``: reports round large figures, and a ratio like ``7.52``
+    is kept exact), 《满江红》 as 满江红, and a bare number with the measure word
     ``question`` asks it in (6 for 多少所学校: 6所). Empty for "无" and for a sentence (longer than
     30 characters: not a short answer)."""
     unit = _ASKED_UNIT.search(simplified(question))
@@ -163,6 +177,8 @@ def answer_items(answer: str, question: str = "") -> list[list[str]]:
         forms = {piece, re.sub(r"(\d)\.0+(?!\d)", r"\1", piece)}
         if re.fullmatch(r"\d{1,3}(?:,\d{3})+(?:\.\d+)?", piece):
             forms.add(piece.replace(",", ""))
+        if rounded := _one_decimal_less(piece):
+            forms.add(rounded)
         if unit and re.fullmatch(r"\d+(?:\.\d+)?", piece):
             forms.add(piece + unit)
         month_day = re.fullmatch(r"\d{4}\s*年\s*(\d{1,2}\s*月.*)", piece)
