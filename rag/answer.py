@@ -7,7 +7,8 @@ the events before it and hands the turn (``Turn``) to the next:
 
 ``Answerer.chain`` is that runnable, taking a ``Turn``; ``Answerer.as_runnable()`` takes a plain
 ``{"question", "history"?, "backend"?, "k"?, "max_tokens"?}``. ``.stream()`` yields typed events
-(``rag.answer_types``: ``Rewritten``, ``Retrieved``, ``Token``..., ``Answered`` last) and
+(``rag.answer_types``: ``Rewritten``, ``Probing`` (a compound question's parts, before the answer
+probe), ``Retrieved``, ``Token``..., ``Answered`` last) and
 ``.invoke()`` returns the final ``Answered``. The CLI, the
 web UI, the HTTP API and ``rag eval`` all run it. Three backends: ``local`` (GGUF via
 llama.cpp), ``openai`` (any OpenAI-compatible endpoint) and ``extractive`` (no LLM: the best
@@ -27,9 +28,10 @@ from langchain_core.runnables import Runnable, RunnableGenerator, RunnableLambda
 from rag.answer_probe import AnswerProbe, make_probe
 from rag.answer_turn import Turn, step  # noqa: F401 (Turn: also imported from here)
 from rag.answer_types import (  # noqa: F401 (AnswerEvent, eval_record: also imported from here)
-    AnswerEvent, Answered, AnswerResult, Drafted, Retrieved, Rewritten, Token, eval_record)
+    AnswerEvent, Answered, AnswerResult, Drafted, Probing, Retrieved, Rewritten, Token, eval_record)
 from rag.cite import Citation, citations_for, verify
 from rag.config import Settings
+from rag.decompose import decompose
 from rag.extractive import extractive_answer, passage_context
 from rag.filters import Where
 from rag.focus import focus
@@ -221,6 +223,8 @@ class Answerer:
 
     def _retrieve_step(self, turn: Turn) -> Iterator:
         t = time.perf_counter()
+        if self.probe(turn.backend) is not None and (parts := decompose(turn.query)).compound:
+            yield Probing(list(parts.parts))  # the probe's LLM calls come next: seconds, locally
         retrieval = self.retrieve(turn.query, turn.k, where=turn.where, backend=turn.backend)
         turn.hits, turn.part_answers = retrieval.hits, retrieval.part_answers
         turn.parts = list(retrieval.parts) if len(retrieval.parts) > 1 else []

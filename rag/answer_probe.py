@@ -33,16 +33,11 @@ if TYPE_CHECKING:
 
 PROBE_PASSAGES = 5  # best chunks of the part the model reads
 PROBE_FOCUS_TOKENS = 110  # of each, the sentences nearest the part (rag.focus)
-PROBE_DEPTH = 30  # chunks of the part's ranking that may move up
+PROBE_DEPTH = 20  # chunks of the part's ranking that may move up
 # The part's best chunks that keep their places: a wrong answer (the model reads last year's
 # figure) must not push out what retrieval ranked first.
 PROBE_KEEP = 2
 PROBE_MAX_TOKENS = 24
-# An answer at most this many chunks hold is read a second time, the passages in reverse order:
-# a small model often takes the first figure it meets (last year's, a forecast), and a misread
-# is rarely repeated in the passages' own words. Most right answers are held by more chunks
-# (news repeat them), so most parts pay no second call.
-RECHECK_HOLDING = 3
 
 
 @dataclass
@@ -109,12 +104,9 @@ class AnswerProbe:
         self._lock = threading.Lock()
         self.calls = 0  # model calls made (a cached answer makes none)
 
-    def ask(self, part: str, hits: list[Hit], reverse: bool = False) -> str:
-        """The model's short answer to ``part`` from the first ``passages`` hits ("" = none),
-        shown to it in reverse order when ``reverse``."""
+    def ask(self, part: str, hits: list[Hit]) -> str:
+        """The model's short answer to ``part`` from the first ``passages`` hits ("" = none)."""
         read = hits[:self.passages]
-        if reverse:
-            read.reverse()
         if not read:
             return ""
         key = (part, *(hit.chunk.key for hit in read))
@@ -151,22 +143,12 @@ class AnswerProbe:
 
     def read(self, part: str, hits: list[Hit]) -> PartAnswer:
         """The part's probed answer and which of its top ``depth`` hits hold it (by how many of a
-        list answer's items, in ``held_items``). An answer at most ``RECHECK_HOLDING`` chunks hold
-        is asked again with the passages in reverse order; when the two readings differ, neither
-        is used (``error`` says so). The model failing (endpoint down, ...) is an answer with
-        ``error`` set: the part then keeps its ranking."""
+        list answer's items, in ``held_items``). The model failing (endpoint down, ...) is an
+        answer with ``error`` set: the part then keeps its ranking."""
         try:
-            answer = self._held(part, self.ask(part, hits), hits)
-            if 0 < answer.holding <= RECHECK_HOLDING:
-                second = self._held(part, self.ask(part, hits, reverse=True), hits)
-                if not _same_answer(answer, second):
-                    return PartAnswer(part, answer.answer, f"两次读取不一致 / readings differ: {second.answer or '无'}"[:200])
+            answer = self.ask(part, hits)
         except Exception as exc:  # the probe only reorders: without it the part keeps its ranking
             return PartAnswer(part, error=f"{type(exc).__name__}: {exc}"[:200])
-        return answer
-
-    def _held(self, part: str, answer: str, hits: list[Hit]) -> PartAnswer:
-        """``answer`` with the part's top ``depth`` hits that hold it."""
         patterns = answer_patterns(answer, part)
         if not patterns:
             return PartAnswer(part, answer)
@@ -225,19 +207,6 @@ def make_probe(settings, chat_model: Callable[[], BaseChatModel], backend: str,
     if not settings.part_probe or backend == "extractive":
         return None
     return AnswerProbe(chat_model, cache_size=cache_size)
-
-
-def _same_answer(first: PartAnswer, second: PartAnswer) -> bool:
-    """Two readings of one part agree: they share a written form (8.0% / 8%, 2022年1月3日 /
-    1月3日), one holds the other (金州勇士 / 勇士; 3% is not in 13.5%), or the same chunks hold them."""
-    if first.held and first.held == second.held:
-        return True
-    forms = [{form for item in answer_items(a.answer, a.part) for form in item} for a in (first, second)]
-    if forms[0] & forms[1]:
-        return True
-    return any(pattern.search(simplified(other.answer))
-               for one, other in ((first, second), (second, first))
-               for item in answer_patterns(one.answer, one.part) for pattern in item)
 
 
 def set_aside_shared(answers: list[PartAnswer]) -> list[PartAnswer]:

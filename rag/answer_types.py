@@ -69,6 +69,14 @@ class Rewritten(_LastWins):
 
 
 @dataclass(frozen=True)
+class Probing(_LastWins):
+    """A compound question's parts, before the LLM reads each part's answer (``rag.answer_probe``):
+    seconds with a local model, so a front end can say what is happening."""
+
+    parts: list[str]
+
+
+@dataclass(frozen=True)
 class Retrieved(_LastWins):
     """The numbered passages given to the model (``[1]`` = ``passages[0]``)."""
 
@@ -98,7 +106,7 @@ class Answered(_LastWins):
     result: AnswerResult
 
 
-AnswerEvent = Rewritten | Retrieved | Token | Drafted | Answered
+AnswerEvent = Rewritten | Probing | Retrieved | Token | Drafted | Answered
 
 
 def eval_record(result: AnswerResult) -> dict:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import sys
 
-from rag.answer_types import Answered, Token
+from rag.answer_types import Answered, Probing, Token
 
 
 def question_error(question: str, settings) -> str | None:
@@ -58,7 +58,10 @@ def _run(answerer, question: str, history, backend: str, as_json: bool, where=No
     result = None
     streamed = ""
     for event in answerer.stream(question, history, backend, where=where):
-        if isinstance(event, Token) and not as_json:
+        if isinstance(event, Probing) and not as_json:
+            print(f"（问题包含 {len(event.parts)} 个部分，正在预读各部分的答案… / "
+                  f"reading the {len(event.parts)} parts' answers first…）", file=sys.stderr, flush=True)
+        elif isinstance(event, Token) and not as_json:
             print(event.text, end="", flush=True)
             streamed += event.text
         elif isinstance(event, Answered):

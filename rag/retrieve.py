@@ -185,11 +185,10 @@ class PartSearch:
             return Retrieval(query, [query], hits, best_dense=[_best_dense(hits)], where=where)
         queries = [query, *parts.parts]
         vectors = self.embedder.embed_queries(queries) if mode != "bm25" else [None] * len(queries)
-        checked = max(k, PART_DEPTH)
-        depth = max(checked, probe.depth if probe is not None else 0)  # the probe looks deeper
+        depth = max(k, PART_DEPTH)
         lists = [self._search_one(q, depth, mode, vector, None if i == 0 else PART_BM25_WEIGHT, where)
                  for i, (q, vector) in enumerate(zip(queries, vectors))]
-        per_part = [check_part(part, hits, checked) for part, hits in zip(parts.parts, lists[1:])]
+        per_part = [check_part(part, hits, depth) for part, hits in zip(parts.parts, lists[1:])]
         part_answers = []
         if probe is not None:
             per_part, part_answers = probe.rerank_parts(parts.parts, per_part)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from rag.answer_types import Answered, Retrieved, Token
+from rag.answer_types import Answered, Probing, Retrieved, Token
 from rag.feedback import FeedbackEntry
 from rag.filters import FilterError, Where
 from rag.multi_kb import split_kbs
@@ -134,7 +134,10 @@ class ChatHandlers:
         try:
             answerer = self.service.answerer(names, choice)
             for event in answerer.stream(question, history(turns), choice.backend, int(k), where=where):
-                if isinstance(event, Retrieved):
+                if isinstance(event, Probing):
+                    status = f"问题包含 {len(event.parts)} 个部分，正在分别检索并预读各部分的答案…"
+                    yield frame(render.streaming_message(text, status))
+                elif isinstance(event, Retrieved):
                     status = (f"已找到 {len(event.passages)} 段资料，正在生成回答…" if event.passages
                               else "没有找到相关资料" + ("（已按过滤条件检索）" if where else ""))
                     yield frame(render.streaming_message(text, status))
