@@ -46,7 +46,7 @@ def merge_parts(whole: list[Hit], per_part: list[list[Hit]], k: int,
     the parts whose next chunk holds their answer, and to those that keep their turns, before
     the others: a part with ten passages holding its answer should not give up slots to
     another's passages that hold none. Measured on rgb_zh_int's 81 split questions with the local
-    LLM's answers (bench/results.md): recall@10 .362 → .450, all_groups@10 .864 → .827; reordering
+    LLM's answers (bench/results.md): recall@10 .362 → .450, all_groups@10 .864 → .840; reordering
     each part by its answer without these turns .425 / .73 over all 100 questions (README).
 
     ``Hit.parts`` of a merged chunk lists the parts whose own top ``k`` holds it, and the part it
