@@ -92,7 +92,7 @@ class MilvusIndex:
     @classmethod
     def open(cls, uri: str | Path, collection: str, dim: int, embedder_id: str, token: str | None = None,
              lexical: LexicalMode = "tokens", tokenize: Callable[[str], list[str]] | None = None,
-             dense_index: str = "FLAT", timeout: float = 10.0) -> MilvusIndex:
+             dense_index: str = "FLAT", timeout: float = 10.0, replace: bool = False) -> MilvusIndex:
         """Connect, create the collection when missing, and check it was built with this embedder.
 
         Args:
@@ -106,6 +106,8 @@ class MilvusIndex:
             tokenize: the project's tokeniser, required in ``tokens`` mode.
             dense_index: ``FLAT`` (exact, like FAISS flat), ``HNSW`` or ``AUTOINDEX``; at creation.
             timeout: seconds for each request.
+            replace: drop the collection first when it exists, unread: one that a killed writer
+                left half-written may not even load (milvus-lite: "No data left in file").
 
         Raises:
             MilvusIndexError: bad URI, server down or data directory locked, or the collection
@@ -120,6 +122,8 @@ class MilvusIndex:
         shown = _redact(uri)
         index = cls(_LoadingClient(client), uri, collection, dim, lexical, tokenize)
         try:
+            if replace and client.has_collection(collection):
+                client.drop_collection(collection)
             if not client.has_collection(collection):
                 index._create(embedder_id, dense_index)
             index._check(embedder_id)

@@ -148,8 +148,9 @@ def _tokens_come_from_sqlite(text: str) -> list[str]:
     raise RuntimeError("a KB's BM25 tokens are stored in SQLite (chunks.lexical); none are made here")
 
 
-def acquire(target: Target, dim: int, embedder_id: str) -> MilvusIndex:
+def acquire(target: Target, dim: int, embedder_id: str, replace: bool = False) -> MilvusIndex:
     """This process's connection to ``target`` (opened on first use); give it back with ``release``.
+    ``replace``: a collection not open in this process is dropped and made again (``MilvusIndex.open``).
 
     Raises:
         MilvusStoreError: bad URI, server down, .db used by another process, other embedder.
@@ -161,7 +162,7 @@ def acquire(target: Target, dim: int, embedder_id: str) -> MilvusIndex:
             return _open[key][0]
         try:
             index = MilvusIndex.open(target.uri, target.collection, dim, embedder_id, token=target.token,
-                                     tokenize=_tokens_come_from_sqlite)
+                                     tokenize=_tokens_come_from_sqlite, replace=replace)
         except MilvusIndexError as exc:
             raise MilvusStoreError(str(exc)) from None
         _open[key] = [index, 1]
@@ -363,7 +364,8 @@ def _rebuild(kb: KnowledgeBase, current: Target, generation: int, dim: int, embe
     (SQLite commits the switch); this KB's collections left by a crash are dropped first."""
     base = re.sub(r"_g\d+$", "", current.collection)
     fresh = Target(current.uri, f"{base}_g{generation}", current.token)
-    index = acquire(fresh, dim, embedder_id)
+    # Never committed: what a killed attempt at this generation left is dropped unread (it may not load).
+    index = acquire(fresh, dim, embedder_id, replace=True)
     try:
         with milvus_errors(fresh, "writing"):
             rows = index.client.query(fresh.collection, filter='row_id != ""', output_fields=["count(*)"])

